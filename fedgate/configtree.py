@@ -17,11 +17,12 @@ Pure: no I/O here; :func:`load_toml` is the one helper that reads a file.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import pathlib
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from fedgate.errors import ConfigError
@@ -181,12 +182,14 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, source: str) -
     if meta.get("nonempty") and hasattr(value, "__len__") and len(value) == 0:
         raise ConfigError("must not be empty", path=path, source=source)
     if isinstance(value, int | float) and not isinstance(value, bool):
-        checks = (
-            ("ge", lambda b: value >= b, ">="),
-            ("gt", lambda b: value > b, ">"),
-            ("le", lambda b: value <= b, "<="),
-            ("lt", lambda b: value < b, "<"),
-        )
-        for key, ok, sign in checks:
-            if key in meta and not ok(meta[key]):
+        for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if key in meta and not _OPS[key](value, meta[key]):
                 raise ConfigError(f"{value!r} is out of range: must be {sign} {meta[key]}", path=path, source=source)
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "ge": operator.ge,
+    "gt": operator.gt,
+    "le": operator.le,
+    "lt": operator.lt,
+}

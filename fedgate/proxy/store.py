@@ -1,0 +1,570 @@
+"""The embedded durable store: SQLite in WAL mode behind one writer thread.
+
+Rules of this module:
+
+1. Every statement runs on one dedicated thread (``_db``), in the order submitted. Operations that
+   arrive while a batch is committing are grouped into the next transaction (group commit), each in
+   its own SAVEPOINT so one failing operation does not abort its neighbours.
+2. A coroutine that awaited a write has its data on disk (WAL, ``synchronous`` as configured) when
+   it resumes: acknowledgements to clients and peers are sent only after that.
+3. Payloads live in the database, never in Python memory beyond the message being handled, so
+   memory stays bounded whatever the number and size of queued messages.
+4. Disk full and quota errors become StoreFullError; nothing is dropped silently.
+
+Tables: ``queue`` (local FIFO queues keyed by session and topic), ``outbox`` (messages waiting for a
+peer gateway's acknowledgement), ``seen`` (message ids delivered, for deduplication) and
+``partial`` (staged chunks of large inbound payloads, for resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from fedgate.config import StoreConfig
+from fedgate.errors import LocalError, MessageTooLargeError, StoreFullError
+from fedgate.proxy.envelope import Envelope
+from fedgate.proxy.store_api import OutboxItem
+
+__all__ = ["QueueStatistics", "SqliteStore"]
+
+log = logging.getLogger("fedgate.store")
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+K_SCHEMA_VERSION = 1
+K_MAX_BLOB = 2**31 - 2  # bytes; SQLite's default SQLITE_MAX_LENGTH is 1e9, checked at open
+K_DEDUP_RETENTION = 7 * 24 * 3600.0  # seconds a delivered message id is remembered
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session TEXT NOT NULL, topic TEXT NOT NULL, header BLOB NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS queue_key ON queue (session, topic, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT NOT NULL, message_id TEXT NOT NULL UNIQUE,
+    enqueued REAL NOT NULL, header BLOB NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
+CREATE TABLE IF NOT EXISTS seen (message_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
+CREATE TABLE IF NOT EXISTS partial (
+    message_id TEXT NOT NULL, offset INTEGER NOT NULL, chunk BLOB NOT NULL, PRIMARY KEY (message_id, offset));
+"""
+
+
+def _encode_header(env: Envelope) -> bytes:
+    return bytes(msgpack.packb(
+        [
+            env.message_id, env.session_id, env.topic, env.src_party, env.dst_party,
+            env.src_role, env.dst_role, dict(env.metadata), env.protocol, env.created_at,
+        ]
+    ))
+
+
+def _decode_header(header: bytes, payload: bytes) -> Envelope:
+    (mid, session, topic, src, dst, src_role, dst_role, metadata, protocol, created) = msgpack.unpackb(header)
+    return Envelope(
+        message_id=mid, session_id=session, topic=topic, src_party=src, dst_party=dst, payload=payload,
+        src_role=src_role, dst_role=dst_role, metadata=metadata, protocol=protocol, created_at=created,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """A snapshot of the store's contents."""
+
+    queued_messages: int
+    queued_bytes: int
+    outbox_messages: int
+    parked_pops: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    op: Op
+    future: asyncio.Future[Any]
+
+
+class SqliteStore:
+    """Durable queues, outbox, dedup set and partial-payload staging in one SQLite database.
+
+    Implements :class:`fedgate.proxy.store_api.Outbox` and :class:`~fedgate.proxy.store_api.Inbox`.
+    Create with :meth:`open`; close with :meth:`aclose`.
+    """
+
+    def __init__(self, config: StoreConfig, *, max_message_bytes: int) -> None:
+        self._config = config
+        self._max_message = min(max_message_bytes, K_MAX_BLOB)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-db")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._flushing = False
+        self._closed = False
+        self._waiters: dict[tuple[str, str], collections.deque[asyncio.Future[None]]] = {}
+        self._outbox_events: dict[str, asyncio.Event] = {}
+        self._bytes = 0
+        self._queued = 0
+        self._outboxed = 0
+        self._last_disk_check = 0.0
+        self._disk_ok = True
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: StoreConfig, *, max_message_bytes: int) -> SqliteStore:
+        store = cls(config, max_message_bytes=max_message_bytes)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(store._executor, store._open_sync)
+        return store
+
+    def _open_sync(self) -> None:
+        path = self._config.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._config.synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(K_SCHEMA_VERSION),))
+        elif int(row[0]) != K_SCHEMA_VERSION:
+            raise LocalError(f"{path}: store schema {row[0]} is not the supported {K_SCHEMA_VERSION}")
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        self._max_message = min(self._max_message, limit - 1024)
+        self._bytes = sum(
+            conn.execute(f"SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM {table}").fetchone()[0]
+            for table in ("queue", "outbox")
+        )
+        self._queued = conn.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        self._outboxed = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        self._conn = conn
+        log.info("store opened", extra={"fields": {"path": str(path), "queued": self._queued,
+                                                    "outbox": self._outboxed, "bytes": self._bytes}})
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        while self._flushing or self._pending:
+            await asyncio.sleep(0.005)
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    # -- the writer -------------------------------------------------------------------------------
+
+    async def _run(self, op: Op) -> Any:
+        if self._closed:
+            raise LocalError("store is closed")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(op, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self._config.commit_interval_s:
+                    await asyncio.sleep(self._config.commit_interval_s)
+                batch, self._pending = self._pending, []
+                try:
+                    results = await loop.run_in_executor(self._executor, self._run_batch, [p.op for p in batch])
+                except BaseException as exc:  # the commit itself failed: every op of the batch fails
+                    err = _translate(exc)
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(err)
+                    continue
+                for p, (ok, value) in zip(batch, results):
+                    if p.future.done():
+                        continue
+                    if ok:
+                        p.future.set_result(value)
+                    else:
+                        p.future.set_exception(value)
+        finally:
+            self._flushing = False
+
+    def _run_batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        assert conn is not None
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, _translate(exc)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    def _admit(self, size: int) -> None:
+        if size > self._max_message:
+            raise MessageTooLargeError(f"message of {size} bytes exceeds the limit of {self._max_message} bytes")
+        if self._bytes + size > self._config.max_bytes:
+            raise StoreFullError(
+                f"store quota reached: {self._bytes} of {self._config.max_bytes} bytes queued "
+                f"(store.max_bytes); pop or release queues, or raise the quota"
+            )
+        now = time.monotonic()
+        if now - self._last_disk_check > 0.25 or not self._disk_ok:
+            self._last_disk_check = now
+            free = shutil.disk_usage(self._config.path.parent).free
+            self._disk_ok = free - size >= self._config.min_free_bytes
+        if not self._disk_ok:
+            raise StoreFullError(
+                f"disk nearly full at {self._config.path.parent}: less than store.min_free_bytes="
+                f"{self._config.min_free_bytes} would remain"
+            )
+
+    # -- local queues -------------------------------------------------------------------------------
+
+    async def put(self, envelope: Envelope) -> None:
+        """Append to the local queue (session, topic); durable when this returns."""
+        self._admit(envelope.size)
+        header = _encode_header(envelope)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO queue (session, topic, header, payload) VALUES (?, ?, ?, ?)",
+                (envelope.session_id, envelope.topic, header, envelope.payload),
+            )
+
+        await self._run(op)
+        self._bytes += envelope.size
+        self._queued += 1
+        self._wake((envelope.session_id, envelope.topic))
+
+    def _wake(self, key: tuple[str, str]) -> None:
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def pop_nowait(self, session: str, topic: str) -> Envelope | None:
+        """Remove and return the oldest message of the queue, or None if it is empty."""
+
+        def op(conn: sqlite3.Connection) -> tuple[bytes, bytes] | None:
+            row = conn.execute(
+                "SELECT id, header, payload FROM queue WHERE session = ? AND topic = ? ORDER BY id LIMIT 1",
+                (session, topic),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("DELETE FROM queue WHERE id = ?", (row[0],))
+            return row[1], row[2]
+
+        got = await self._run(op)
+        if got is None:
+            return None
+        env = _decode_header(*got)
+        self._bytes -= env.size
+        self._queued -= 1
+        return env
+
+    async def pop(self, session: str, topic: str, *, timeout: float) -> Envelope | None:
+        """Long-poll pop: the oldest message, waiting up to ``timeout`` seconds; None on expiry."""
+        key = (session, topic)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(key, collections.deque())
+            waiters.append(fut)
+            got: Envelope | None = None
+            try:
+                got = await self.pop_nowait(session, topic)
+                if got is not None:
+                    return got
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    return None
+            finally:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[key]
+                # A wake-up this waiter received but did not use goes to the next parked pop.
+                if got is None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._wake(key)
+
+    async def peek(self, session: str, topic: str) -> Envelope | None:
+        """The oldest message of the queue without removing it."""
+
+        def op(conn: sqlite3.Connection) -> tuple[bytes, bytes] | None:
+            row = conn.execute(
+                "SELECT header, payload FROM queue WHERE session = ? AND topic = ? ORDER BY id LIMIT 1",
+                (session, topic),
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        got = await self._run(op)
+        return None if got is None else _decode_header(*got)
+
+    async def release(self, session: str, topic: str = "") -> int:
+        """Drop one queue, or every queue of the session when ``topic`` is empty; wake their pops."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            where, args = ("session = ?", (session,)) if not topic else ("session = ? AND topic = ?", (session, topic))
+            size = conn.execute(
+                f"SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM queue WHERE {where}", args
+            ).fetchone()[0]
+            count = conn.execute(f"DELETE FROM queue WHERE {where}", args).rowcount
+            return count, size
+
+        count, size = await self._run(op)
+        self._bytes -= size
+        self._queued -= count
+        for key, waiters in list(self._waiters.items()):
+            if key[0] == session and (not topic or key[1] == topic):
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(LookupError(f"queue {key[1]!r} of session {session!r} was released"))
+        return int(count)
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            queued_messages=self._queued, queued_bytes=self._bytes, outbox_messages=self._outboxed,
+            parked_pops=sum(len(w) for w in self._waiters.values()),
+        )
+
+    # -- Inbox (link receiver) -----------------------------------------------------------------------
+
+    async def deliver(self, envelope: Envelope) -> bool:
+        self._admit(envelope.size)
+        header = _encode_header(envelope)
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("INSERT OR IGNORE INTO seen (message_id, at) VALUES (?, ?)", (envelope.message_id, now))
+            if cur.rowcount == 0:
+                return False
+            conn.execute(
+                "INSERT INTO queue (session, topic, header, payload) VALUES (?, ?, ?, ?)",
+                (envelope.session_id, envelope.topic, header, envelope.payload),
+            )
+            conn.execute("DELETE FROM partial WHERE message_id = ?", (envelope.message_id,))
+            return True
+
+        fresh: bool = await self._run(op)
+        if fresh:
+            self._bytes += envelope.size
+            self._queued += 1
+            self._wake((envelope.session_id, envelope.topic))
+        return fresh
+
+    async def seen(self, message_id: str) -> bool:
+        """Whether ``message_id`` was already delivered here."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1 FROM seen WHERE message_id = ?", (message_id,)).fetchone() is not None
+
+        return bool(await self._run(op))
+
+    async def partial_size(self, message_id: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(
+                "SELECT COALESCE(SUM(LENGTH(chunk)), 0) FROM partial WHERE message_id = ?", (message_id,)
+            ).fetchone()[0])
+
+        return int(await self._run(op))
+
+    async def append_partial(self, message_id: str, offset: int, chunk: bytes) -> None:
+        self._admit(len(chunk))
+
+        def op(conn: sqlite3.Connection) -> None:
+            have = conn.execute(
+                "SELECT COALESCE(SUM(LENGTH(chunk)), 0) FROM partial WHERE message_id = ?", (message_id,)
+            ).fetchone()[0]
+            if have != offset:
+                raise ValueError(f"chunk of {message_id} at offset {offset}, but {have} bytes are staged")
+            conn.execute("INSERT INTO partial VALUES (?, ?, ?)", (message_id, offset, chunk))
+
+        await self._run(op)
+
+    async def take_partial(self, message_id: str) -> bytes:
+        def op(conn: sqlite3.Connection) -> bytes:
+            rows = conn.execute(
+                "SELECT chunk FROM partial WHERE message_id = ? ORDER BY offset", (message_id,)
+            ).fetchall()
+            conn.execute("DELETE FROM partial WHERE message_id = ?", (message_id,))
+            return b"".join(r[0] for r in rows)
+
+        return bytes(await self._run(op))
+
+    async def prune_seen(self, *, older_than: float = K_DEDUP_RETENTION) -> int:
+        cutoff = time.time() - older_than
+
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("DELETE FROM seen WHERE at < ?", (cutoff,)).rowcount)
+
+        return int(await self._run(op))
+
+    # -- Outbox (link sender) ------------------------------------------------------------------------
+
+    async def outbox_put(self, peer: str, envelope: Envelope) -> int:
+        """Append to the outbox for ``peer``; durable when this returns; returns the seq."""
+        self._admit(envelope.size)
+        header = _encode_header(envelope)
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO outbox (peer, message_id, enqueued, header, payload) VALUES (?, ?, ?, ?, ?)",
+                (peer, envelope.message_id, now, header, envelope.payload),
+            )
+            return int(cur.lastrowid or 0)
+
+        seq: int = await self._run(op)
+        self._bytes += envelope.size
+        self._outboxed += 1
+        self._outbox_event(peer).set()
+        return seq
+
+    def _outbox_event(self, peer: str) -> asyncio.Event:
+        event = self._outbox_events.get(peer)
+        if event is None:
+            event = self._outbox_events[peer] = asyncio.Event()
+        return event
+
+    async def pending(self, peer: str, *, after_seq: int, limit: int) -> list[OutboxItem]:
+        def op(conn: sqlite3.Connection) -> list[tuple[int, float, bytes, bytes]]:
+            return conn.execute(
+                "SELECT seq, enqueued, header, payload FROM outbox WHERE peer = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (peer, after_seq, limit),
+            ).fetchall()
+
+        rows = await self._run(op)
+        return [OutboxItem(seq=s, peer=peer, envelope=_decode_header(h, p), enqueued_at=t) for s, t, h, p in rows]
+
+    async def wait_pending(self, peer: str, *, after_seq: int, timeout: float) -> bool:
+        event = self._outbox_event(peer)
+        event.clear()
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM outbox WHERE peer = ? AND seq > ? LIMIT 1", (peer, after_seq)).fetchone()
+            return row is not None
+
+        if await self._run(op):
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def ack(self, peer: str, message_ids: list[str]) -> None:
+        if not message_ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            size = count = 0
+            for mid in message_ids:
+                row = conn.execute(
+                    "SELECT LENGTH(payload) FROM outbox WHERE peer = ? AND message_id = ?", (peer, mid)
+                ).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM outbox WHERE peer = ? AND message_id = ?", (peer, mid))
+                    size += row[0]
+                    count += 1
+            return count, size
+
+        count, size = await self._run(op)
+        self._bytes -= size
+        self._outboxed -= count
+
+    async def outbox_depth(self, peer: str) -> tuple[int, float | None]:
+        """Messages waiting for ``peer`` and the enqueue time of the oldest (None when empty)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            row = conn.execute("SELECT COUNT(*), MIN(enqueued) FROM outbox WHERE peer = ?", (peer,)).fetchone()
+            return int(row[0]), row[1]
+
+        depth, oldest = await self._run(op)
+        return depth, oldest
+
+    async def outbox_peers(self) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in conn.execute("SELECT DISTINCT peer FROM outbox").fetchall()]
+
+        return list(await self._run(op))
+
+
+class _OutboxView:
+    """Adapts :class:`SqliteStore` to the :class:`~fedgate.proxy.store_api.Outbox` protocol."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    async def put(self, peer: str, envelope: Envelope) -> int:
+        return await self._store.outbox_put(peer, envelope)
+
+    async def pending(self, peer: str, *, after_seq: int, limit: int) -> list[OutboxItem]:
+        return await self._store.pending(peer, after_seq=after_seq, limit=limit)
+
+    async def wait_pending(self, peer: str, *, after_seq: int, timeout: float) -> bool:
+        return await self._store.wait_pending(peer, after_seq=after_seq, timeout=timeout)
+
+    async def ack(self, peer: str, message_ids: list[str]) -> None:
+        await self._store.ack(peer, message_ids)
+
+
+def outbox_of(store: SqliteStore) -> _OutboxView:
+    """The store seen as an Outbox."""
+    return _OutboxView(store)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "full" in text or "disk I/O" in text:
+            return StoreFullError(f"store write failed: {text}")
+        return LocalError(f"store error: {text}")
+    if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError) and "too big" in str(exc):
+        return MessageTooLargeError(str(exc))
+    if isinstance(exc, sqlite3.Error):
+        return LocalError(f"store error: {exc}")
+    return exc
