@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from fedgate.config import StoreConfig
-from fedgate.errors import LocalError, MessageTooLargeError, StoreFullError
+from fedgate.errors import LocalError, MessageTooLargeError, ShuttingDownError, StoreFullError
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.store_api import OutboxItem
 
@@ -282,9 +282,12 @@ class SqliteStore:
                 return
 
     async def pop_nowait(self, session: str, topic: str) -> Envelope | None:
-        """Remove and return the oldest message of the queue, or None if it is empty."""
+        """Remove and return the oldest message of the queue, or None if it is empty.
 
-        def op(conn: sqlite3.Connection) -> tuple[bytes, bytes] | None:
+        If the caller is cancelled after the message left the queue, it is put back at the head.
+        """
+
+        def op(conn: sqlite3.Connection) -> tuple[int, bytes, bytes] | None:
             row = conn.execute(
                 "SELECT id, header, payload FROM queue WHERE session = ? AND topic = ? ORDER BY id LIMIT 1",
                 (session, topic),
@@ -292,15 +295,42 @@ class SqliteStore:
             if row is None:
                 return None
             conn.execute("DELETE FROM queue WHERE id = ?", (row[0],))
-            return row[1], row[2]
+            return int(row[0]), row[1], row[2]
 
-        got = await self._run(op)
+        task = asyncio.ensure_future(self._run(op))
+        try:
+            got = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._restore_later(t, session, topic))
+            raise
         if got is None:
             return None
-        env = _decode_header(*got)
+        env = _decode_header(got[1], got[2])
         self._bytes -= env.size
         self._queued -= 1
         return env
+
+    def _restore_later(self, task: asyncio.Future[Any], session: str, topic: str) -> None:
+        if task.cancelled() or task.exception() is not None or task.result() is None:
+            return
+        row_id, header, payload = task.result()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
+                (row_id, session, topic, header, payload),
+            )
+
+        async def restore() -> None:
+            try:
+                await self._run(op)
+            except Exception:
+                log.exception("could not put back a message of a cancelled pop",
+                              extra={"fields": {"session": session, "topic": topic}})
+                return
+            self._wake((session, topic))
+
+        asyncio.get_running_loop().create_task(restore())
 
     async def pop(self, session: str, topic: str, *, timeout: float) -> Envelope | None:
         """Long-poll pop: the oldest message, waiting up to ``timeout`` seconds; None on expiry."""
@@ -364,6 +394,13 @@ class SqliteStore:
                     if not fut.done():
                         fut.set_exception(LookupError(f"queue {key[1]!r} of session {session!r} was released"))
         return int(count)
+
+    async def release_waiters(self, reason: str) -> None:
+        """Fail every parked pop with ShuttingDownError (used when the gateway stops)."""
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(ShuttingDownError(reason))
 
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(

@@ -1,0 +1,195 @@
+"""The gateway process: builds every part from the config and runs them under one TaskGroup.
+
+Rules of this module:
+
+1. This is the one place where parts are wired together; each part receives only its own config
+   section and the shared registry / clock it needs.
+2. Life cycle: open the store, load the route table, start the servers, then tell systemd READY=1.
+   SIGTERM / SIGINT: STOPPING=1, refuse new work, wake parked pops, let in-flight calls finish within
+   ``gateway.drain_timeout_s``, close the store last. SIGHUP: RELOADING=1, reload the route table
+   (a bad file keeps the old one), READY=1.
+3. A part that fails brings the whole gateway down with the error logged (systemd restarts it);
+   nothing is swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from prometheus_client import CollectorRegistry
+
+from fedgate import __version__
+from fedgate.config import FedgateConfig, parse_hostport
+from fedgate.errors import ConfigError
+from fedgate.metrics import GatewayMetrics, MetricsServer, new_registry
+from fedgate.proxy import protos as _protos  # noqa: F401 - generated stubs are importable
+from fedgate.proxy.dispatch import Dispatcher, Inspector
+from fedgate.proxy.front_osx import OsxProtocolServicer, OsxTransportServicer
+from fedgate.proxy.front_rollsite import DataTransferServicer, RouteServicer
+from fedgate.proxy.osx_client import OsxForwarder, channel_options
+from fedgate.proxy.protos import osx_pb2_grpc, proxy_pb2_grpc
+from fedgate.proxy.route_reload import RouteReloader
+from fedgate.proxy.routing import Router
+from fedgate.proxy.rpc import RpcObserver
+from fedgate.proxy.store import SqliteStore
+from fedgate.sdnotify import SystemdNotifier
+
+__all__ = ["BoundPorts", "Gateway"]
+
+log = logging.getLogger("fedgate.gateway")
+
+K_GAUGE_INTERVAL = 1.0  # seconds between store gauge refreshes and watchdog pings (at most)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundPorts:
+    """The ports actually bound (a configured port 0 picks a free one)."""
+
+    front: int
+    metrics: int | None
+
+
+class Gateway:
+    """One fedgate appliance process."""
+
+    def __init__(self, config: FedgateConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or new_registry()
+        self.metrics = GatewayMetrics.create(self.registry)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.ports: BoundPorts | None = None
+        self.store: SqliteStore | None = None
+        self.router: Router | None = None
+        self._notifier = SystemdNotifier.from_environment()
+
+    # -- control -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def wait_ready(self) -> BoundPorts:
+        await self._ready.wait()
+        assert self.ports is not None
+        return self.ports
+
+    # -- run -----------------------------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self.metrics.info.labels(config.display_name, __version__, ",".join(config.gateway.party_ids)).set(1)
+
+        reloader = RouteReloader(config.routes, registry=self.registry)
+        reloader.load_initial()
+        self.router = reloader.router
+        store = self.store = await SqliteStore.open(config.store, max_message_bytes=config.front.max_message_bytes)
+        forwarder = OsxForwarder(max_message_bytes=config.front.max_message_bytes,
+                                 timeout=config.front.forward_timeout_s)
+        inspect: Inspector | None = None
+        dispatcher = Dispatcher(
+            party_ids=config.gateway.party_ids, store=store, router=reloader.router, forwarder=forwarder,
+            metrics=self.metrics, inspect=inspect,
+        )
+        rpc = RpcObserver(self.metrics)
+        server = grpc.aio.server(options=channel_options(config.front.max_message_bytes),
+                                 maximum_concurrent_rpcs=None)
+        osx_pb2_grpc.add_PrivateTransferTransportServicer_to_server(
+            OsxTransportServicer(dispatcher=dispatcher, store=store, max_pop_wait_s=config.front.max_pop_wait_s,
+                                 rpc=rpc), server)
+        osx_pb2_grpc.add_PrivateTransferProtocolServicer_to_server(
+            OsxProtocolServicer(dispatcher=dispatcher, rpc=rpc), server)
+        data_transfer = DataTransferServicer(
+            dispatcher=dispatcher, router=reloader.router, store=store, rpc=rpc,
+            max_message_bytes=config.front.max_message_bytes, control_timeout_s=config.front.control_timeout_s,
+            forward_timeout_s=config.front.forward_timeout_s,
+        )
+        proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(data_transfer, server)
+        proxy_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(router=reloader.router, rpc=rpc), server)
+        host, port = parse_hostport(config.front.listen, path="front.listen")
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if bound == 0:
+            raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local", path="front.listen")
+        metrics_server: MetricsServer | None = None
+        if config.metrics.listen:
+            mhost, mport = parse_hostport(config.metrics.listen, path="metrics.listen")
+            try:
+                metrics_server = MetricsServer(self.registry, mhost, mport)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {config.metrics.listen}: {exc.strerror}",
+                                  path="metrics.listen") from exc
+            metrics_server.start()
+        await server.start()
+        self.ports = BoundPorts(front=bound, metrics=metrics_server.port if metrics_server else None)
+        log.info("gateway ready", extra={"fields": {
+            "name": config.display_name, "parties": ",".join(config.gateway.party_ids), "front": f"{host}:{bound}",
+            "metrics": config.metrics.listen or "off", "routes": str(config.routes.file)}})
+        self._notifier.ready(status=f"serving parties {','.join(config.gateway.party_ids)} on {host}:{bound}")
+        self._ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(reloader.run(self._stop))
+                tg.create_task(self._housekeeping(store))
+                tg.create_task(self._reloads(reloader))
+                await self._stop.wait()
+                log.info("stopping: draining in-flight calls",
+                         extra={"fields": {"grace_s": config.gateway.drain_timeout_s}})
+                self._notifier.stopping()
+                await store.release_waiters("gateway is shutting down")
+                await server.stop(grace=config.gateway.drain_timeout_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await server.stop(grace=None)
+            await data_transfer.aclose()
+            await forwarder.aclose()
+            await store.aclose()
+            if metrics_server is not None:
+                metrics_server.close()
+            log.info("gateway stopped")
+
+    async def _reloads(self, reloader: RouteReloader) -> None:
+        while not self._stop.is_set():
+            reload_wait = asyncio.ensure_future(self._reload.wait())
+            stop_wait = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({reload_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            reload_wait.cancel()
+            stop_wait.cancel()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._notifier.reloading()
+                ok = reloader.reload()
+                self._notifier.ready(status="route table reloaded" if ok else "route table reload failed; old kept")
+
+    async def _housekeeping(self, store: SqliteStore) -> None:
+        interval = K_GAUGE_INTERVAL
+        watchdog = self._notifier.watchdog_interval()
+        if watchdog is not None:
+            interval = min(interval, watchdog)
+        last_prune = time.monotonic()
+        while not self._stop.is_set():
+            stats = store.statistics()
+            self.metrics.queued_messages.set(stats.queued_messages)
+            self.metrics.queued_bytes.set(stats.queued_bytes)
+            self.metrics.outbox_messages.set(stats.outbox_messages)
+            self.metrics.parked_pops.set(stats.parked_pops)
+            self._notifier.watchdog()
+            if time.monotonic() - last_prune > 3600:
+                last_prune = time.monotonic()
+                await store.prune_seen()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), interval)
