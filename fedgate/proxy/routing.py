@@ -611,6 +611,10 @@ class Router:
     def table(self) -> RouteTable:
         return self._table
 
+    def is_local(self, party: str, gateway_party_ids: Iterable[str] = ()) -> bool:
+        """See :meth:`RouteTable.is_local` (on the current snapshot)."""
+        return self._table.is_local(party, gateway_party_ids)
+
     def swap(self, table: RouteTable) -> TableDiff:
         """Install ``table``; health carries over for endpoints that remain. Returns the diff."""
         diff = diff_tables(self._table, table)
@@ -676,7 +680,8 @@ class Router:
                     total_failures=h.total_failures, successes=h.successes, last_error=h.last_error,
                     next_retry=None if h.failures == 0 else h.next_retry,
                 )
-                for key, h in self._health.items() if key in by_key
+                # list(): the metrics thread may call this while the loop thread adds entries
+                for key, h in list(self._health.items()) if key in by_key
             ),
         )
 
