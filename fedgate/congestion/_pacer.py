@@ -1,0 +1,80 @@
+"""A token-bucket pacer driven by a controller's pacing rate.
+
+Rules of this module:
+
+1. Pure (no clock): ``next_send_time(now=...)`` answers when the next packet may leave,
+   ``on_sent(now=..., size=...)`` spends tokens.
+2. The bucket holds at least ``bucket_s`` seconds of data at the current rate (and at least two
+   datagrams). An event loop wakes timers with ~1 ms granularity, so a bucket smaller than ~2 ms of
+   data would cap the rate below the controller's; a larger one only allows a short burst.
+3. Tokens may go negative by at most one packet: a packet is released whenever the balance is
+   positive, so the long-run rate is exact even for packets larger than the remaining balance.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Pacer"]
+
+K_DEFAULT_BUCKET = 0.004  # seconds of data at the pacing rate
+K_MIN_BUCKET_PACKETS = 2  # datagrams
+
+
+class Pacer:
+    """Token bucket; a rate of None means unpaced."""
+
+    def __init__(self, *, max_datagram_size: int, bucket_s: float = K_DEFAULT_BUCKET) -> None:
+        if bucket_s <= 0:
+            raise ValueError("bucket_s must be > 0")
+        self._mds = max_datagram_size
+        self._bucket_s = bucket_s
+        self._rate: float | None = None
+        self._capacity = float(K_MIN_BUCKET_PACKETS * max_datagram_size)
+        self._tokens = self._capacity
+        self._stamp: float | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second, or None when unpaced."""
+        return self._rate
+
+    @property
+    def capacity(self) -> float:
+        """Bucket size, bytes."""
+        return self._capacity
+
+    def set_rate(self, rate: float | None, *, now: float) -> None:
+        """Change the rate (bytes per second); tokens earned so far are kept."""
+        self._refill(now)
+        if rate is not None and rate <= 0:
+            rate = None
+        self._rate = rate
+        if rate is None:
+            return
+        self._capacity = max(rate * self._bucket_s, float(K_MIN_BUCKET_PACKETS * self._mds))
+        if self._tokens > self._capacity:
+            self._tokens = self._capacity
+
+    def next_send_time(self, *, now: float) -> float | None:
+        """None if a packet may leave now, else the time it may."""
+        if self._rate is None:
+            return None
+        self._refill(now)
+        if self._tokens > 0:
+            return None
+        return now + (-self._tokens + 1.0) / self._rate
+
+    def on_sent(self, *, now: float, size: int) -> None:
+        if self._rate is None:
+            return
+        self._refill(now)
+        self._tokens = max(self._tokens - size, -float(self._mds))
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is None:
+            self._stamp = now
+            return
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._stamp = now
+            if self._rate is not None:
+                self._tokens = min(self._tokens + elapsed * self._rate, self._capacity)
