@@ -87,19 +87,27 @@ class RouteReloader:
         self._racy = False
         self._stale = False
         self.reloads = Counter(
-            "fedgate_route_table_reloads", "Route table (re)loads, by result (ok, error)", ["result"], registry=registry
+            "fedgate_route_table_reloads",
+            "Route table (re)loads, by result (ok, error)",
+            ["result"],
+            registry=registry,
         )
         self.stale = Gauge(
-            "fedgate_route_table_stale", "1 while the route table file is bad and the previous table serves",
+            "fedgate_route_table_stale",
+            "1 while the route table file is bad and the previous table serves",
             registry=registry,
         )
         self.last_success = Gauge(
-            "fedgate_route_table_last_success_timestamp_seconds", "Unix time of the last successful (re)load",
+            "fedgate_route_table_last_success_timestamp_seconds",
+            "Unix time of the last successful (re)load",
             registry=registry,
         )
-        self.routes = Gauge("fedgate_route_table_routes", "(party, role) entries in the route table", registry=registry)
-        self.endpoints = Gauge("fedgate_route_table_endpoints", "Distinct endpoints in the route table",
-                               registry=registry)
+        self.routes = Gauge(
+            "fedgate_route_table_routes", "(party, role) entries in the route table", registry=registry
+        )
+        self.endpoints = Gauge(
+            "fedgate_route_table_endpoints", "Distinct endpoints in the route table", registry=registry
+        )
         registry.register(RouterCollector(self))
 
     @property
@@ -199,7 +207,9 @@ class RouteReloader:
         self.stale.set(1)
         self._log.error(
             "route table reload failed; keeping the previous table",
-            extra={"fields": {"path": str(self._path), "line": exc.line, "key": exc.path, "error": exc.message}},
+            extra={
+                "fields": {"path": str(self._path), "line": exc.line, "key": exc.path, "error": exc.message}
+            },
         )
 
     def _is_racy(self, signature: Signature) -> bool:
@@ -207,8 +217,11 @@ class RouteReloader:
 
     def _describe(self, table: RouteTable) -> dict[str, object]:
         return {
-            "path": str(self._path), "format": table.format, "parties": len(table.entries),
-            "endpoints": len(table.endpoints()), "default_allow": table.default_allow,
+            "path": str(self._path),
+            "format": table.format,
+            "parties": len(table.entries),
+            "endpoints": len(table.endpoints()),
+            "default_allow": table.default_allow,
             "warnings": len(table.warnings),
         }
 
@@ -220,12 +233,19 @@ class RouterCollector(Collector):
         self._reloader = reloader
 
     def collect(self) -> Iterator[Metric]:
-        healthy = GaugeMetricFamily("fedgate_route_endpoint_healthy", "1 when the endpoint's last attempt succeeded",
-                                    labels=["endpoint"])
-        failures = CounterMetricFamily("fedgate_route_endpoint_failures", "Failed attempts towards the endpoint",
-                                       labels=["endpoint"])
-        successes = CounterMetricFamily("fedgate_route_endpoint_successes", "Successful attempts towards the endpoint",
-                                        labels=["endpoint"])
+        healthy = GaugeMetricFamily(
+            "fedgate_route_endpoint_healthy",
+            "1 when the endpoint's last attempt succeeded",
+            labels=["endpoint"],
+        )
+        failures = CounterMetricFamily(
+            "fedgate_route_endpoint_failures", "Failed attempts towards the endpoint", labels=["endpoint"]
+        )
+        successes = CounterMetricFamily(
+            "fedgate_route_endpoint_successes",
+            "Successful attempts towards the endpoint",
+            labels=["endpoint"],
+        )
         if self._reloader.loaded:
             for stats in self._reloader.router.statistics().endpoints:
                 healthy.add_metric([stats.address], 1.0 if stats.healthy else 0.0)
@@ -241,7 +261,9 @@ def main_route(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | 
     """``fedgate route check FILE`` and ``fedgate route show FILE PARTY [ROLE]``."""
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = argparse.ArgumentParser(prog="fedgate route", description="Validate route tables and explain lookups.")
+    parser = argparse.ArgumentParser(
+        prog="fedgate route", description="Validate route tables and explain lookups."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a route table and print a summary")
     check.add_argument("file", type=pathlib.Path)
@@ -268,18 +290,29 @@ def _check(table: RouteTable, *, strict: bool, out: TextIO, err: TextIO) -> int:
     for party, roles in table.entries.items():
         for role, eps in roles.items():
             for i, ep in enumerate(eps):
-                for name, file in (("caFile", ep.ca_file), ("certChainFile", ep.cert_file),
-                                   ("privateKeyFile", ep.key_file)):
+                for name, file in (
+                    ("caFile", ep.ca_file),
+                    ("certChainFile", ep.cert_file),
+                    ("privateKeyFile", ep.key_file),
+                ):
                     if file is not None and not os.access(file, os.R_OK):
-                        warnings.append(f"route_table.{party}.{role}[{i}].{name}: {file} is not readable here")
+                        warnings.append(
+                            f"route_table.{party}.{role}[{i}].{name}: {file} is not readable here"
+                        )
     print(f"{table.source}: {table.format} format", file=out)
     print(f"  self_party: {', '.join(table.self_parties) or '-'}", file=out)
     print(f"  default_allow: {str(table.default_allow).lower()}", file=out)
-    print(f"  parties: {len(table.entries)} ({', '.join(list(table.entries)[:10])}"
-          f"{', ...' if len(table.entries) > 10 else ''})", file=out)
+    print(
+        f"  parties: {len(table.entries)} ({', '.join(list(table.entries)[:10])}"
+        f"{', ...' if len(table.entries) > 10 else ''})",
+        file=out,
+    )
     print(f"  routes: {sum(len(r) for r in table.entries.values())}", file=out)
-    print(f"  endpoints: {len(endpoints)} ({', '.join(f'{t} {n}' for t, n in sorted(transports.items()))}); "
-          f"TLS on {sum(ep.use_tls for ep in endpoints)}", file=out)
+    print(
+        f"  endpoints: {len(endpoints)} ({', '.join(f'{t} {n}' for t, n in sorted(transports.items()))}); "
+        f"TLS on {sum(ep.use_tls for ep in endpoints)}",
+        file=out,
+    )
     for warning in warnings:
         print(f"warning: {warning}", file=err)
     if strict and warnings:
@@ -290,8 +323,11 @@ def _check(table: RouteTable, *, strict: bool, out: TextIO, err: TextIO) -> int:
 
 
 def _show(table: RouteTable, party: str, role: str, *, out: TextIO) -> int:
-    print(f"lookup party {party!r} role {role!r} in {table.source} "
-          f"({table.format} format, default_allow {str(table.default_allow).lower()})", file=out)
+    print(
+        f"lookup party {party!r} role {role!r} in {table.source} "
+        f"({table.format} format, default_allow {str(table.default_allow).lower()})",
+        file=out,
+    )
     if party in table.self_parties:
         print(f"  party {party!r} is in self_party: FATE messages to it are stored in this gateway", file=out)
     route, steps = table.explain(party, role)
@@ -300,8 +336,11 @@ def _show(table: RouteTable, party: str, role: str, *, out: TextIO) -> int:
     if route is None:
         print(f"no route: {RouteError.__name__} (gRPC {RouteError.grpc_status})", file=out)
         return 1
-    print(f"  route: party {route.matched_party!r} role {route.matched_role!r}, {len(route.endpoints)} endpoint(s) "
-          "(file order; the gateway orders them by health, then weighted random):", file=out)
+    print(
+        f"  route: party {route.matched_party!r} role {route.matched_role!r}, "
+        f"{len(route.endpoints)} endpoint(s) (file order; the gateway orders them by health, then weight):",
+        file=out,
+    )
     for n, ep in enumerate(route.endpoints, 1):
         print(f"    {n}. {ep.describe()}", file=out)
     return 0

@@ -67,8 +67,21 @@ _TRANSPORTS: tuple[str, ...] = get_args(Transport)
 _PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 # Endpoint keys fedgate reads; every other key is ignored with a warning.
 _ENDPOINT_KEYS = frozenset(
-    {"ip", "port", "is_secure", "is_polling", "protocol", "url", "useSSL", "caFile", "certChainFile",
-     "privateKeyFile", "transport", "weight", "datacenter"}
+    {
+        "ip",
+        "port",
+        "is_secure",
+        "is_polling",
+        "protocol",
+        "url",
+        "useSSL",
+        "caFile",
+        "certChainFile",
+        "privateKeyFile",
+        "transport",
+        "weight",
+        "datacenter",
+    }
 )
 _TOP_KEYS = frozenset({"route_table", "permission", "self_party"})
 _JSON_WS = re.compile(r"[ \t\n\r]*")
@@ -79,7 +92,9 @@ Segment = str | int
 class RouteTableError(ConfigError):
     """A route table file is invalid; ``line`` and ``column`` are 1-based, 0 when unknown."""
 
-    def __init__(self, message: str, *, path: str = "", source: str = "", line: int = 0, column: int = 0) -> None:
+    def __init__(
+        self, message: str, *, path: str = "", source: str = "", line: int = 0, column: int = 0
+    ) -> None:
         self.line = line
         self.column = column
         if line:
@@ -193,7 +208,9 @@ class RouteTable:
         """The route in file order (no health); RouteError names party, role and the table file."""
         route, steps = self.explain(party, role)
         if route is None:
-            raise RouteError(f"no route to party {party!r} role {role!r} in {self.source or '<table>'}: {steps[-1]}")
+            raise RouteError(
+                f"no route to party {party!r} role {role!r} in {self.source or '<table>'}: {steps[-1]}"
+            )
         return route
 
     def explain(self, party: str, role: str) -> tuple[Route | None, list[str]]:
@@ -204,10 +221,14 @@ class RouteTable:
         if roles is not None:
             steps.append(f"party {party!r}: found")
         elif K_DEFAULT in self.entries and self.default_allow:
-            steps.append(f"party {party!r}: not in the table; falling back to party 'default' (default_allow)")
+            steps.append(
+                f"party {party!r}: not in the table; falling back to party 'default' (default_allow)"
+            )
             roles, matched_party = self.entries[K_DEFAULT], K_DEFAULT
         else:
-            why = "default_allow is false" if K_DEFAULT in self.entries else "the table has no 'default' party"
+            why = (
+                "default_allow is false" if K_DEFAULT in self.entries else "the table has no 'default' party"
+            )
             steps.append(f"party {party!r}: not in the table and no fallback ({why})")
             return None, steps
         role = role or K_DEFAULT
@@ -218,8 +239,10 @@ class RouteTable:
             steps.append(f"role {role!r}: not under party {matched_party!r}; falling back to role 'default'")
             matched_role = K_DEFAULT
         else:
-            steps.append(f"role {role!r}: not under party {matched_party!r}, which has no 'default' role "
-                         f"(roles: {', '.join(sorted(roles))})")
+            steps.append(
+                f"role {role!r}: not under party {matched_party!r}, which has no 'default' role "
+                f"(roles: {', '.join(sorted(roles))})"
+            )
             return None, steps
         return Route(party, role, roles[matched_role], matched_party, matched_role), steps
 
@@ -251,7 +274,9 @@ def parse_route_table(data: bytes | str, *, source: str = "") -> RouteTable:
     try:
         obj = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
-        raise RouteTableError(f"invalid JSON: {exc.msg}", source=source, line=exc.lineno, column=exc.colno) from exc
+        raise RouteTableError(
+            f"invalid JSON: {exc.msg}", source=source, line=exc.lineno, column=exc.colno
+        ) from exc
     except RecursionError as exc:
         raise RouteTableError("invalid JSON: nested too deeply", source=source) from exc
     except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
@@ -334,7 +359,9 @@ class _Parser:
         warnings = self.warnings[:K_MAX_WARNINGS]
         if len(self.warnings) > K_MAX_WARNINGS:
             warnings.append(f"... and {len(self.warnings) - K_MAX_WARNINGS} more warnings")
-        return RouteTable(self_parties, MappingProxyType(entries), default_allow, self.source, fmt, tuple(warnings))
+        return RouteTable(
+            self_parties, MappingProxyType(entries), default_allow, self.source, fmt, tuple(warnings)
+        )
 
     def endpoint(self, obj: object, path: tuple[Segment, ...]) -> Endpoint:
         ep = _expect_object(obj, path)
@@ -359,7 +386,9 @@ class _Parser:
         if transport not in _TRANSPORTS:
             raise _KeyPathError(f"{transport!r} is not one of {list(_TRANSPORTS)}", (*path, "transport"))
         if protocol == "http" and transport != "grpc":
-            raise _KeyPathError("protocol 'http' is the OSX HTTP hop; it needs transport 'grpc'", (*path, "transport"))
+            raise _KeyPathError(
+                "protocol 'http' is the OSX HTTP hop; it needs transport 'grpc'", (*path, "transport")
+            )
         url = get("url", str, None)
         host, port = self.host_port(ep, url, path)
         secure = [get(k, bool, None) for k in ("is_secure", "useSSL")]
@@ -378,12 +407,22 @@ class _Parser:
             self.warn(path, "RDMA has no TLS: use_tls applies only to the connection set-up")
         weight = ep.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= K_MAX_WEIGHT:
-            raise _KeyPathError(f"expected an integer 0..{K_MAX_WEIGHT}, got {_kind(weight)}", (*path, "weight"))
+            raise _KeyPathError(
+                f"expected an integer 0..{K_MAX_WEIGHT}, got {_kind(weight)}", (*path, "weight")
+            )
         return Endpoint(
-            host=host, port=port, transport=transport, use_tls=use_tls,
-            ca_file=_path(files["caFile"]), cert_file=_path(files["certChainFile"]),
-            key_file=_path(files["privateKeyFile"]), weight=weight, datacenter=get("datacenter", str, ""),
-            is_polling=get("is_polling", bool, False), protocol=protocol, url=url,
+            host=host,
+            port=port,
+            transport=transport,
+            use_tls=use_tls,
+            ca_file=_path(files["caFile"]),
+            cert_file=_path(files["certChainFile"]),
+            key_file=_path(files["privateKeyFile"]),
+            weight=weight,
+            datacenter=get("datacenter", str, ""),
+            is_polling=get("is_polling", bool, False),
+            protocol=protocol,
+            url=url,
         )
 
     def host_port(self, ep: Mapping[str, Any], url: str | None, path: tuple[Segment, ...]) -> tuple[str, int]:
@@ -520,12 +559,15 @@ class TableDiff:
 
     def summary(self) -> str:
         """One line: ``+1 -0 ~2 routes; default_allow changed``."""
+
         def names(keys: tuple[tuple[str, str], ...]) -> str:
             shown = ", ".join(f"{p}/{r}" for p, r in keys[:5])
             return f" ({shown}{', ...' if len(keys) > 5 else ''})" if keys else ""
 
-        text = (f"+{len(self.added)}{names(self.added)} -{len(self.removed)}{names(self.removed)} "
-                f"~{len(self.changed)}{names(self.changed)} routes")
+        text = (
+            f"+{len(self.added)}{names(self.added)} -{len(self.removed)}{names(self.removed)} "
+            f"~{len(self.changed)}{names(self.changed)} routes"
+        )
         if self.settings_changed:
             text += f"; {', '.join(self.settings_changed)} changed"
         return text
@@ -537,11 +579,13 @@ def diff_tables(old: RouteTable, new: RouteTable) -> TableDiff:
 
     before, after = flat(old), flat(new)
     settings = tuple(
-        name for name, a, b in (
+        name
+        for name, a, b in (
             ("format", old.format, new.format),
             ("default_allow", old.default_allow, new.default_allow),
             ("self_party", old.self_parties, new.self_parties),
-        ) if a != b
+        )
+        if a != b
     )
     return TableDiff(
         added=tuple(k for k in after if k not in before),
@@ -676,12 +720,17 @@ class Router:
             self._table.source,
             tuple(
                 EndpointStatistics(
-                    address=by_key[key].address, healthy=h.failures == 0, failures=h.failures,
-                    total_failures=h.total_failures, successes=h.successes, last_error=h.last_error,
+                    address=by_key[key].address,
+                    healthy=h.failures == 0,
+                    failures=h.failures,
+                    total_failures=h.total_failures,
+                    successes=h.successes,
+                    last_error=h.last_error,
                     next_retry=None if h.failures == 0 else h.next_retry,
                 )
                 # list(): the metrics thread may call this while the loop thread adds entries
-                for key, h in list(self._health.items()) if key in by_key
+                for key, h in list(self._health.items())
+                if key in by_key
             ),
         )
 

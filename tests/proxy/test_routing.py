@@ -106,10 +106,14 @@ def test_osx_http_endpoint_takes_host_and_port_from_url() -> None:
 
 
 def test_extensions_are_read() -> None:
-    t = table(osx_with([
-        {"ip": "10.1.0.2", "port": 9371, "transport": "rdma", "weight": 5, "datacenter": "dc-a"},
-        {"ip": "fe80::1", "port": 9371, "transport": "quic", "weight": 0},
-    ]))
+    t = table(
+        osx_with(
+            [
+                {"ip": "10.1.0.2", "port": 9371, "transport": "rdma", "weight": 5, "datacenter": "dc-a"},
+                {"ip": "fe80::1", "port": 9371, "transport": "quic", "weight": 0},
+            ]
+        )
+    )
     rdma, quic = t.entries["10000"]["default"]
     assert (rdma.transport, rdma.weight, rdma.datacenter) == ("rdma", 5, "dc-a")
     assert (quic.transport, quic.weight) == ("quic", 0)
@@ -138,16 +142,33 @@ def test_shipped_default_table_is_valid_osx_for_party_9999() -> None:
 @pytest.mark.parametrize(
     ("text", "path", "line"),
     [
-        ('{"route_table": {\n "10000": {\n  "default": [\n   {"ip": "a", "port": 0}]}}}',
-         "route_table.10000.default[0].port", 4),
-        ('{"route_table": {\n "10000": {\n  "default": [\n   {"ip": "a"}]}}}', "route_table.10000.default[0]", 4),
+        (
+            '{"route_table": {\n "10000": {\n  "default": [\n   {"ip": "a", "port": 0}]}}}',
+            "route_table.10000.default[0].port",
+            4,
+        ),
+        (
+            '{"route_table": {\n "10000": {\n  "default": [\n   {"ip": "a"}]}}}',
+            "route_table.10000.default[0]",
+            4,
+        ),
         ('{"route_table": {"10000": {"default": []}}}', "route_table.10000.default", 1),
         ('{"route_table": {"10000": {\n"default": {"ip": "a"}}}}', "route_table.10000.default", 2),
-        ('{"route_table": {"10000": {"default": [{"ip": "a", "port": 1, "transport": "udp"}]}}}',
-         "route_table.10000.default[0].transport", 1),
-        ('{"route_table": {"1": {"d": [{"ip": "a", "port": 1, "is_secure": "yes"}]}}}',
-         "route_table.1.d[0].is_secure", 1),
-        ('{"route_table": {"1": {"d": [{"ip": "a", "port": 1, "weight": -1}]}}}', "route_table.1.d[0].weight", 1),
+        (
+            '{"route_table": {"10000": {"default": [{"ip": "a", "port": 1, "transport": "udp"}]}}}',
+            "route_table.10000.default[0].transport",
+            1,
+        ),
+        (
+            '{"route_table": {"1": {"d": [{"ip": "a", "port": 1, "is_secure": "yes"}]}}}',
+            "route_table.1.d[0].is_secure",
+            1,
+        ),
+        (
+            '{"route_table": {"1": {"d": [{"ip": "a", "port": 1, "weight": -1}]}}}',
+            "route_table.1.d[0].weight",
+            1,
+        ),
         ('{"route_table": {"1": {"d": [{"ip": "a b", "port": 1}]}}}', "route_table.1.d[0].ip", 1),
         ('{"route_table": {}, "permission": {"default_allow": "true"}}', "permission.default_allow", 1),
         ('{"self_party": "9999", "route_table": {}}', "self_party", 1),
@@ -166,7 +187,9 @@ def test_errors_name_file_key_path_and_line(text: str, path: str, line: int) -> 
 
 
 def test_duplicate_key_path_points_at_the_last_occurrence() -> None:
-    text = '{"route_table": {\n"1": {"d": [{"ip": "a", "port": 1}]},\n"1": {"d": [{"ip": "a", "port": 99999}]}}}'
+    text = (
+        '{"route_table": {\n"1": {"d": [{"ip": "a", "port": 1}]},\n"1": {"d": [{"ip": "a", "port": 99999}]}}}'
+    )
     with pytest.raises(RouteTableError) as info:
         table(text)
     assert info.value.line == 3 and info.value.path == "route_table.1.d[0].port"
@@ -241,7 +264,9 @@ def test_rollsite_without_permission_does_not_fall_back() -> None:
 def test_osx_falls_back_unless_permission_says_no() -> None:
     assert table(OSX).lookup("55555", "guest").matched_party == "default"
     with pytest.raises(RouteError):
-        table(OSX.replace('"self_party"', '"permission": {"default_allow": false}, "self_party"')).lookup("5", "g")
+        table(OSX.replace('"self_party"', '"permission": {"default_allow": false}, "self_party"')).lookup(
+            "5", "g"
+        )
 
 
 def test_missing_role_without_default_role_names_the_roles() -> None:
@@ -267,11 +292,13 @@ def test_is_local_uses_self_party_and_gateway_ids() -> None:
 
 # -------------------------------------------------------------------------------------------- router
 
-THREE = osx_with([
-    {"ip": "a", "port": 1, "weight": 1},
-    {"ip": "b", "port": 1, "weight": 3},
-    {"ip": "c", "port": 1, "weight": 0},
-])
+THREE = osx_with(
+    [
+        {"ip": "a", "port": 1, "weight": 1},
+        {"ip": "b", "port": 1, "weight": 3},
+        {"ip": "c", "port": 1, "weight": 0},
+    ]
+)
 
 
 def hosts(router: Router, *, now: float) -> list[str]:
@@ -366,6 +393,9 @@ def test_diff_summary_is_one_line() -> None:
     old, new = table(ROLLSITE), table(ROLLSITE.replace('"10001"', '"10003"').replace("true", "false"))
     diff = diff_tables(old, new)
     assert diff.added == (("10003", "default"),) and diff.removed == (("10001", "default"),)
-    assert diff.summary() == "+1 (10003/default) -1 (10001/default) ~1 (10002/default) routes; default_allow changed"
+    assert (
+        diff.summary()
+        == "+1 (10003/default) -1 (10001/default) ~1 (10002/default) routes; default_allow changed"
+    )
     assert diff_tables(old, old).empty
     assert "\n" not in diff.summary()
