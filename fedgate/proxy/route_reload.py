@@ -153,7 +153,7 @@ class RouteReloader:
         if signature == self._signature and not self._racy:
             return None
         if signature is None:
-            self._signature = None
+            self._signature, self._racy = None, False
             self._failed(RouteTableError("file not found", source=str(self._path)))
             return False
         try:
