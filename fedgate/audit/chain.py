@@ -1,0 +1,180 @@
+"""The audit chain: payload inspection once, then the filters in order (FIFO), enforce or shadow.
+
+Envoy's RBAC filter is the model (``rbac/config.cc``, ``rbac_filter.h``): the configuration is
+validated once and the chain built from it is immutable; in *shadow* mode every filter still runs
+and every would-be rejection is counted and returned as :class:`~fedgate.audit.filters.Continue`
+(with the rejection kept in :attr:`AuditResult.shadow`), so a policy can be tried on live traffic.
+
+Rules of this module:
+
+1. Sans-IO: :meth:`AuditChain.inspect` takes the envelope, the direction and keyword-only ``now``
+   (wall-clock seconds); it never blocks. Metrics go to the ``prometheus_client`` registry passed
+   in (never the global one); pass None for no metrics.
+2. A FATE object that was rejected once stays rejected: later pieces of it (split slices, rollsite
+   chunks, its split header) are rejected with rule ``object.rejected``. The memory of rejected
+   objects is bounded (``K_MAX_REJECTED`` objects, oldest forgotten first).
+3. An exception inside a filter is a bug of ours: it propagates (the front answers INTERNAL);
+   the chain does not swallow it into a verdict.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from fedgate.audit.config import AuditConfig
+from fedgate.audit.filters import (
+    CONTINUE,
+    K_FILTERS,
+    AuditContext,
+    AuditFilter,
+    Continue,
+    Direction,
+    Reject,
+    Verdict,
+)
+from fedgate.audit.payload import Inspection, PayloadInspector, PayloadLimits
+from fedgate.audit.pickle_scan import PickleLimits
+from fedgate.audit.policy import AuditPolicy, load_policy
+from fedgate.errors import UnknownPluginError
+from fedgate.proxy.envelope import Envelope
+
+__all__ = ["AuditChain", "AuditResult", "build_filters"]
+
+K_MAX_REJECTED = 4096  # rejected FATE objects remembered
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    """The chain's answer for one message."""
+
+    verdict: Verdict
+    """What to do: Continue or Reject (never Reject in shadow mode)."""
+    shadow: Reject | None
+    """In shadow mode, the rejection that enforce mode would have returned."""
+    inspection: Inspection | None
+    """What the payload inspector found (None when auditing is disabled)."""
+
+    @property
+    def ledger_verdict(self) -> tuple[str, str]:
+        """(verdict, rule) as the ledger records them: ``accept``, ``reject`` or ``shadow-reject``."""
+        if isinstance(self.verdict, Reject):
+            return "reject", self.verdict.rule
+        if self.shadow is not None:
+            return "shadow-reject", self.shadow.rule
+        return "accept", ""
+
+
+def build_filters(names: Sequence[str], policy: AuditPolicy) -> tuple[AuditFilter, ...]:
+    """Instantiate the named filters in order; an unknown name lists the valid ones."""
+    filters = []
+    for name in names:
+        factory = K_FILTERS.get(name)
+        if factory is None:
+            raise UnknownPluginError("audit filter", name, list(K_FILTERS), path="audit.filters")
+        filters.append(factory(policy))
+    return tuple(filters)
+
+
+class AuditChain:
+    """Inspect every message; one instance per gateway serves both directions."""
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        policy: AuditPolicy,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._config = config
+        self._policy = policy
+        self._filters = build_filters(config.filters, policy)
+        limits = PayloadLimits(
+            max_pending_bytes=config.max_pending_bytes,
+            max_objects=config.max_open_objects,
+            idle_timeout_s=config.object_idle_timeout_s,
+            pickle=PickleLimits(max_memo=config.max_pickle_memo, max_stack=config.max_pickle_stack),
+        )
+        # one inspector per direction: a message is inspected at both ends, never twice at one
+        self._inspectors = {"in": PayloadInspector(limits=limits), "out": PayloadInspector(limits=limits)}
+        self._rejected: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self._messages: Counter | None = None
+        self._rejects: Counter | None = None
+        self._bytes: Counter | None = None
+        if registry is not None:
+            self._messages = Counter(
+                "fedgate_audit_messages", "Messages audited", ["direction", "verdict"], registry=registry
+            )
+            self._rejects = Counter(
+                "fedgate_audit_rejections",
+                "Rejections by rule (mode=shadow: counted, not enforced)",
+                ["direction", "rule", "mode"],
+                registry=registry,
+            )
+            self._bytes = Counter(
+                "fedgate_audit_inspected_bytes", "Payload bytes audited", ["direction"], registry=registry
+            )
+
+    @classmethod
+    def from_config(cls, config: AuditConfig, *, registry: CollectorRegistry | None = None) -> AuditChain:
+        """Load the policy file named by the config (built-in defaults when none) and build the chain."""
+        policy = load_policy(config.policy_file) if config.policy_file is not None else AuditPolicy()
+        return cls(config, policy, registry=registry)
+
+    @property
+    def policy(self) -> AuditPolicy:
+        return self._policy
+
+    @property
+    def filter_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self._filters)
+
+    def inspect(self, envelope: Envelope, direction: Direction, *, now: float) -> AuditResult:
+        """Run the chain on one message."""
+        if not self._config.enabled:
+            return AuditResult(CONTINUE, None, None)
+        inspection = self._inspectors[direction].inspect(envelope, now=now)
+        rule = self._policy.rule_for(
+            session=envelope.session_id, src=envelope.src_party, dst=envelope.dst_party, message=inspection.name
+        )
+        ctx = AuditContext(envelope, direction, rule, inspection)
+        rejects: list[Reject] = []
+        earlier = self._rejected.get(inspection.object_key)
+        if earlier is not None and inspection.form != "inline":
+            rejects.append(Reject("object.rejected", f"object {inspection.name!r} was rejected by {earlier}"))
+        for flt in self._filters:
+            if rejects and not self._config.shadow:
+                break
+            verdict = flt.inspect(ctx, now=now)
+            if isinstance(verdict, Reject):
+                rejects.append(verdict)
+        result = self._result(rejects, inspection)
+        if rejects and inspection.form in ("split_slice", "split_header", "chunk"):
+            self._remember(inspection.object_key, rejects[0].rule)
+        self._count(direction, envelope.size, result, rejects)
+        return result
+
+    def _result(self, rejects: list[Reject], inspection: Inspection) -> AuditResult:
+        if not rejects:
+            return AuditResult(CONTINUE, None, inspection)
+        if self._config.shadow:
+            return AuditResult(Continue(), rejects[0], inspection)
+        return AuditResult(rejects[0], None, inspection)
+
+    def _remember(self, key: tuple[str, ...], rule: str) -> None:
+        self._rejected[key] = rule
+        self._rejected.move_to_end(key)
+        while len(self._rejected) > K_MAX_REJECTED:
+            self._rejected.popitem(last=False)
+
+    def _count(self, direction: str, size: int, result: AuditResult, rejects: list[Reject]) -> None:
+        if self._messages is None or self._rejects is None or self._bytes is None:
+            return
+        self._messages.labels(direction, result.ledger_verdict[0]).inc()
+        self._bytes.labels(direction).inc(size)
+        mode = "shadow" if self._config.shadow else "enforce"
+        for reject in rejects:
+            self._rejects.labels(direction, reject.rule, mode).inc()
