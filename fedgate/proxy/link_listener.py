@@ -1,0 +1,233 @@
+"""LinkListener: accepts link channels from peer gateways and delivers their messages into an Inbox.
+
+Rules of this module:
+
+1. The peer's party is its certificate's (``channel.peer_party``); HELLO must agree with it and
+   ``allow(party)`` (the route table) must say yes, else the link is refused with a log line.
+2. A message is acknowledged only after ``Inbox.deliver`` returned (durable; a duplicate counts as
+   delivered); a chunk's credit is returned only after it is staged. ``StoreFullError`` never drops
+   anything: the write is retried with backoff while the sender runs out of credit (backpressure).
+3. Order: chunks are staged in wire order by the reader; complete messages go to one delivery lane
+   per (session, topic), FIFO, lanes run concurrently. Order per (session, topic) is what the
+   destination queues promise, and a slow topic does not stall the others.
+4. The ``on_inbound`` hook (the audit chain) sees each complete message before it is delivered.
+   Returning a :class:`Rejection` is final: the message is not stored, the sender is told
+   (ACK ``r``) and drops it from its outbox; the hook is where it gets recorded (ledger). A resent
+   copy meets the same hook again, so a deterministic policy gives the same answer.
+5. A newer connection from the same party replaces the older one (``replaced``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fedgate.errors import StoreFullError
+from fedgate.proxy.carrier import ByteChannel
+from fedgate.proxy.envelope import Envelope
+from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation
+from fedgate.proxy.link_events import ChunkReceived, ConnectionTerminated, HandshakeCompleted, LinkEvent, Rejection
+from fedgate.proxy.link_metrics import LinkMetrics
+from fedgate.proxy.link_recv import LinkReceiverCore, plan_chunk
+from fedgate.proxy.link_session import LinkConnection
+from fedgate.proxy.store_api import Inbox
+
+__all__ = ["InboundHook", "LinkListener", "LinkListenerStatistics"]
+
+log = logging.getLogger("fedgate.link")
+
+InboundHook = Callable[[Envelope], Awaitable[Rejection | None]]
+"""Inspect a complete inbound message: None accepts, a Rejection refuses it for good."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkListenerStatistics:
+    connections: int
+    """Open link connections."""
+    peers: tuple[str, ...]
+    messages_stored: int
+    duplicates: int
+    rejected: int
+    bytes_received: int
+    store_full_retries: int
+    refused: int
+    """Connections refused (party not allowed or certificate mismatch)."""
+
+
+class LinkListener:
+    """Hand :meth:`handle` to ``carrier.listen(..., handler=listener.handle)``."""
+
+    def __init__(
+        self, *, params: LinkParams, inbox: Inbox, allow: Callable[[str], bool],
+        on_inbound: InboundHook | None = None, metrics: LinkMetrics | None = None,
+        retry_initial_s: float = 0.05, retry_max_s: float = 1.0,
+    ) -> None:
+        self.params = params
+        self._inbox = inbox
+        self._allow = allow
+        self._on_inbound = on_inbound
+        self._metrics = metrics
+        self._retry = (retry_initial_s, retry_max_s)
+        self._by_party: dict[str, LinkConnection[LinkReceiverCore]] = {}
+        self._open = 0
+        self._counts = collections.Counter[str]()
+
+    def statistics(self) -> LinkListenerStatistics:
+        c = self._counts
+        return LinkListenerStatistics(
+            connections=self._open, peers=tuple(sorted(self._by_party)), messages_stored=c["stored"],
+            duplicates=c["duplicates"], rejected=c["rejected"], bytes_received=c["bytes"],
+            store_full_retries=c["store_full"], refused=c["refused"],
+        )
+
+    async def handle(self, channel: ByteChannel) -> None:
+        """Serve one inbound channel until it ends."""
+        loop = asyncio.get_running_loop()
+        core = LinkReceiverCore(self.params, now=loop.time(), authenticated_peer=channel.peer_party)
+        session = _InboundSession(self, core, channel)
+        self._open += 1
+        try:
+            why = await session.conn.run()
+        finally:
+            self._open -= 1
+            party = core.peer_party
+            if party is not None and self._by_party.get(party) is session.conn:
+                del self._by_party[party]
+                if self._metrics:
+                    self._metrics.inbound_connections.labels(party).dec()
+        if why.code not in ("normal", "shutdown", "replaced"):
+            log.warning("link from %s (party %s) ended: %s: %s", channel.description, core.peer_party, why.code,
+                        why.reason)
+
+    # -- called by sessions -----------------------------------------------------------------------------
+
+    def _admit(self, session: _InboundSession, party: str) -> bool:
+        if not self._allow(party):
+            self._counts["refused"] += 1
+            reason = f"refusing link from {session.conn.channel.description}: party {party!r} is not allowed"
+            log.error("%s", reason)
+            event = session.conn.core.abort(LinkProtocolViolation(reason, code="unauthorized"))
+            if event is not None:
+                session.conn.finish(event)
+            return False
+        old = self._by_party.get(party)
+        if old is not None and old.terminated is None:
+            old.core.close(now=old.now(), code="replaced", reason="a newer connection from the same party")
+            old.finish(ConnectionTerminated("replaced", "a newer connection from the same party", by_peer=False))
+        elif self._metrics:
+            self._metrics.inbound_connections.labels(party).inc()
+        self._by_party[party] = session.conn
+        return True
+
+    async def _store(self, write: Callable[[], Awaitable[bool | None]], party: str) -> bool | None:
+        """Run a store write, retrying StoreFullError with backoff for as long as it takes (rule 2)."""
+        delay = self._retry[0]
+        while True:
+            try:
+                return await write()
+            except StoreFullError as exc:
+                self._counts["store_full"] += 1
+                if self._metrics:
+                    self._metrics.store_full.labels(party).inc()
+                if delay == self._retry[0]:
+                    log.warning("store full, holding back the link from party %s: %s", party, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry[1])
+
+
+class _InboundSession:
+    """State of one inbound connection: the staging cursor and the delivery lanes."""
+
+    def __init__(self, listener: LinkListener, core: LinkReceiverCore, channel: ByteChannel) -> None:
+        self.listener = listener
+        self.core = core
+        self.conn = LinkConnection(core, channel, self._on_event)
+        self.party = "?"
+        self._staging: tuple[str, int] | None = None
+        """(message id, bytes the store holds) of the message being staged."""
+        self._lanes: dict[tuple[str, str], collections.deque[tuple[Envelope, int]]] = {}
+
+    async def _on_event(self, event: LinkEvent) -> None:
+        if isinstance(event, ChunkReceived):
+            await self._on_chunk(event)
+        elif isinstance(event, HandshakeCompleted):
+            self.party = event.peer_party
+            self.listener._admit(self, event.peer_party)
+
+    async def _on_chunk(self, ev: ChunkReceived) -> None:
+        listener, inbox, core = self.listener, self.listener._inbox, self.core
+        mid = ev.envelope.message_id
+        listener._counts["bytes"] += len(ev.data)
+        if listener._metrics:
+            listener._metrics.received_bytes.labels(self.party).inc(len(ev.data))
+        if ev.whole:
+            self._enqueue(dataclasses.replace(ev.envelope, payload=ev.data), ev.charge)
+            return
+        if ev.first or self._staging is None or self._staging[0] != mid:
+            self._staging = (mid, await inbox.partial_size(mid))
+        have = self._staging[1]
+        plan = plan_chunk(have=have, offset=ev.offset, data=ev.data)
+        if plan.resume:
+            self._staging = None
+            core.resume(mid, have)
+            core.release(ev.charge)
+            return
+        if plan.hint:
+            core.progress(mid, have)
+        if plan.append is not None:
+            chunk = ev.data if len(plan.append) == len(ev.data) else bytes(plan.append)
+            at = have
+
+            async def append() -> None:
+                await inbox.append_partial(mid, at, chunk)
+
+            await listener._store(append, self.party)
+            have += len(chunk)
+            self._staging = (mid, have)
+            core.progress(mid, have)
+        if ev.last:
+            self._staging = None
+            payload = await inbox.take_partial(mid)
+            if len(payload) != ev.total:
+                raise LinkProtocolViolation(f"message {mid}: staged {len(payload)} bytes, expected {ev.total}")
+            self._enqueue(dataclasses.replace(ev.envelope, payload=payload), ev.charge)
+        else:
+            core.release(ev.charge)
+
+    def _enqueue(self, envelope: Envelope, charge: int) -> None:
+        key = (envelope.session_id, envelope.topic)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = collections.deque()
+            self.conn.spawn(self._run_lane(key, lane))
+        lane.append((envelope, charge))
+
+    async def _run_lane(self, key: tuple[str, str], lane: collections.deque[tuple[Envelope, int]]) -> None:
+        listener, core, m = self.listener, self.core, self.listener._metrics
+        try:
+            while lane:
+                envelope, charge = lane[0]
+                verdict = await listener._on_inbound(envelope) if listener._on_inbound else None
+                if verdict is not None:
+                    core.reject(envelope.message_id, rule=verdict.rule, detail=verdict.detail)
+                    listener._counts["rejected"] += 1
+                    if m:
+                        m.inbound_rejected.labels(self.party).inc()
+                else:
+                    async def deliver(env: Envelope = envelope) -> bool:
+                        return await listener._inbox.deliver(env)
+
+                    fresh = await listener._store(deliver, self.party)
+                    core.ack(envelope.message_id)
+                    listener._counts["stored" if fresh else "duplicates"] += 1
+                    if m:
+                        (m.received_messages if fresh else m.duplicates).labels(self.party).inc()
+                core.release(charge)
+                lane.popleft()
+                self.conn.kick()
+        finally:
+            del self._lanes[key]
