@@ -33,7 +33,15 @@ from fedgate.bench._matrix import LinkSettings
 from fedgate.bench._sandbox import BenchSetupError, Sandbox, run_cmd
 from fedgate.errors import UnknownPluginError
 
-__all__ = ["EmulatorKind", "LinkEmulator", "NetemLink", "TunLink", "netem_available", "open_link"]
+__all__ = [
+    "EmulatorKind",
+    "LinkEmulator",
+    "NetemLink",
+    "TunLink",
+    "netem_argv",
+    "netem_available",
+    "open_link",
+]
 
 EmulatorKind = Literal["auto", "netem", "tun"]
 

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ K_CEILING_SHARE = 0.8  # a row's bottleneck above this share of the measured cei
 K_SATURATED = 0.85  # forwarder CPU busy share that marks a transfer emulator-limited
 K_LATE_MEAN = 0.001  # seconds of mean delivery lateness that marks a transfer as distorted
 K_HOST_BUSY = 0.9  # host CPU busy share that marks a transfer as possibly CPU-bound
+K_RTT_PROBES = 10  # UDP probes per row for the RTT check
+K_RTT_TOLERANCE = 2.0  # milliseconds a row's measured RTT may differ from its setting without a warning
 K_LOSS_Z = 4.0  # standard deviations of random drops off the setting that earn a note
 
 
@@ -275,6 +278,41 @@ class _Harness:
         )
         return _with_notes(result, ceiling_mbit=self.ceiling_mbit)
 
+    def check_rtt(self, row: LinkRow) -> dict[str, Any]:
+        """Ping through the link as shaped now: median RTT of K_RTT_PROBES UDP probes vs the setting."""
+        self.port += 1
+        target = f"{self.link.addr_b}:{self.port}"
+        wait = 2 * row.rtt_ms / 1000 + 1.0
+        echo = self.sandbox.python(
+            "fedgate.bench.udp_probe",
+            ["echo", "--listen", target, "--idle", str(wait + 2)],
+            netns=self.link.ns_b,
+        )
+        try:
+            if not wait_listening(echo.pid, self.port, proto="udp", timeout=K_LISTEN_TIMEOUT):
+                return {"setting_ms": row.rtt_ms, "error": "echo server did not start"}
+            ping = self.sandbox.python(
+                "fedgate.bench.udp_probe",
+                [
+                    "ping",
+                    "--connect",
+                    target,
+                    "--count",
+                    str(K_RTT_PROBES),
+                    "--interval",
+                    "0.005",
+                    "--wait",
+                    str(wait),
+                ],
+                netns=self.link.ns_a,
+            )
+            out, _ = ping.communicate(timeout=wait + 10)
+        finally:
+            self.sandbox.stop(echo)
+        rtts = sorted(r for r in json.loads(out.strip().splitlines()[-1])["rtts_ms"] if r is not None)
+        median = statistics.median(rtts) if rtts else None
+        return {"setting_ms": row.rtt_ms, "median_ms": median, "received": len(rtts), "sent": K_RTT_PROBES}
+
     def calibrate(self, runner: TransportRunner, *, seconds: float) -> dict[str, Any]:
         """Measure the emulator's ceiling with an unshaped transfer."""
         unshaped = LinkSettings(DirectionShape(), DirectionShape())
@@ -449,6 +487,15 @@ def main(argv: Sequence[str]) -> int:
                         )
             for row in rows:
                 link.shape(link_settings(row, queue_bdp=args.queue_bdp, ack_loss=not args.data_loss_only))
+                check = harness.check_rtt(row)
+                doc.setdefault("rtt_checks", []).append({"row": row.name, **check})
+                median = check.get("median_ms")
+                line = f"{row.name}: RTT {median if median is None else round(median, 2)} ms measured " + (
+                    f"({check.get('received')}/{K_RTT_PROBES} probes) vs {row.rtt_ms:g} ms set"
+                )
+                if median is None or abs(median - row.rtt_ms) > K_RTT_TOLERANCE:
+                    line = "WARNING: " + line
+                progress.message(line)
                 for runner in runners:
                     result = harness.transfer(runner, row, duration=args.duration)
                     results.append(result)
