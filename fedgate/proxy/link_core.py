@@ -113,24 +113,36 @@ class LinkCore:
         self._peer_keepalive = params.keepalive_s
         self._ping_token: float | None = None
         self._close_code = ""
+        self._pause = False
+        """Set by a subclass to stop parsing after the current frame (see receive_data)."""
         self._emit(HELLO, self._hello())
 
     # -- input ------------------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes, *, now: float) -> list[LinkEvent]:
-        """Feed bytes from the channel (``b""`` = end of stream) and return the resulting events."""
+        """Feed bytes from the channel (``b""`` = end of stream) and return the first events.
+
+        Parsing pauses after each :class:`ChunkReceived` (the adapter's answer, e.g. ``resume``, may
+        change how the following frames are read): call :meth:`next_events` until it returns [].
+        """
         events: list[LinkEvent] = []
         if self.state in (LinkState.CLOSED, LinkState.ERROR):
             return events
         self._last_recv = now
+        if not data:
+            self.state = LinkState.CLOSED
+            code = self._close_code or "eof"
+            events.append(ConnectionTerminated(code, "the peer closed the connection", by_peer=True))
+            return events
+        self._decoder.feed(data)
+        return self.next_events(now=now)
+
+    def next_events(self, *, now: float) -> list[LinkEvent]:
+        """Parse buffered frames up to the next pause point (see :meth:`receive_data`)."""
+        events: list[LinkEvent] = []
         try:
-            if not data:
-                self.state = LinkState.CLOSED
-                code = self._close_code or "eof"
-                events.append(ConnectionTerminated(code, "the peer closed the connection", by_peer=True))
-                return events
-            self._decoder.feed(data)
-            while self.state not in (LinkState.CLOSED, LinkState.ERROR):
+            self._pause = False
+            while not self._pause and self.state not in (LinkState.CLOSED, LinkState.ERROR):
                 frame = self._decoder.next_frame()
                 if frame is None:
                     break

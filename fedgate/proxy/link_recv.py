@@ -181,3 +181,4 @@ class LinkReceiverCore(LinkCore):
         if cur.next_off == total:
             self._cur = None
         events.append(ChunkReceived(cur.envelope, offset, total, data, first, charge))
+        self._pause = True  # the adapter's answer (resume) decides how the next frames are read

@@ -119,7 +119,10 @@ class LinkConnection(Generic[CoreT]):
             except Exception as exc:  # carriers translate to FedgateError; anything else still ends only us
                 self.finish(ConnectionTerminated("io_error", f"receive failed: {exc!r}", by_peer=True))
                 return
-            await self._dispatch(self.core.receive_data(data, now=self.now()))
+            events = self.core.receive_data(data, now=self.now())
+            while events:
+                await self._dispatch(events)
+                events = self.core.next_events(now=self.now())
 
     async def _timer(self) -> None:
         while self.terminated is None:
