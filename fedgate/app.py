@@ -124,7 +124,8 @@ class Gateway:
         host, port = parse_hostport(config.front.listen, path="front.listen")
         bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
-            raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local", path="front.listen")
+            raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local",
+                              path="front.listen")
         metrics_server: MetricsServer | None = None
         if config.metrics.listen:
             mhost, mport = parse_hostport(config.metrics.listen, path="metrics.listen")

@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 # Subcommands implemented by the parts, as "module:function" taking argv and returning an exit code.
 K_DELEGATED: dict[str, tuple[str, str]] = {
-    "route": ("fedgate.proxy.route_cli:main", "check a route table or explain a lookup"),
+    "route": ("fedgate.proxy.route_reload:main_route", "check a route table or explain a lookup"),
     "certs": ("fedgate.proxy.certs:main", "create a small CA and per-party certificates"),
     "doctor": ("fedgate.proxy.doctor:main", "explain step by step whether a party is reachable"),
     "audit": ("fedgate.audit.cli:main", "verify, export or reconcile the tamper-evident ledger"),

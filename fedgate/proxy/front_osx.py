@@ -90,7 +90,7 @@ class OsxTransportServicer(osx_pb2_grpc.PrivateTransferTransportServicer):
         self._store = store
         self._max_wait = max_pop_wait_s
 
-    async def push(  # type: ignore[override]
+    async def push(
         self, request: osx_pb2.PushInbound, context: grpc.aio.ServicerContext[object, object]
     ) -> osx_pb2.TransportOutbound:
         with self._rpc.observe("push") as outcome:
@@ -102,7 +102,7 @@ class OsxTransportServicer(osx_pb2_grpc.PrivateTransferTransportServicer):
                 await abort_with(context, exc)
             return osx_pb2.TransportOutbound(code=K_CODE_OK, message="success")
 
-    async def pop(  # type: ignore[override]
+    async def pop(
         self, request: osx_pb2.PopInbound, context: grpc.aio.ServicerContext[object, object]
     ) -> osx_pb2.TransportOutbound:
         with self._rpc.observe("pop", timed=False) as outcome:
@@ -124,7 +124,7 @@ class OsxTransportServicer(osx_pb2_grpc.PrivateTransferTransportServicer):
                 )
             return osx_pb2.TransportOutbound(code=K_CODE_OK, message="success", payload=envelope.payload)
 
-    async def peek(  # type: ignore[override]
+    async def peek(
         self, request: osx_pb2.PeekInbound, context: grpc.aio.ServicerContext[object, object]
     ) -> osx_pb2.TransportOutbound:
         with self._rpc.observe("peek") as outcome:
@@ -138,7 +138,7 @@ class OsxTransportServicer(osx_pb2_grpc.PrivateTransferTransportServicer):
                 return osx_pb2.TransportOutbound(code=K_CODE_TIMEOUT, message=f"topic {request.topic!r} is empty")
             return osx_pb2.TransportOutbound(code=K_CODE_OK, message="success", payload=envelope.payload)
 
-    async def release(  # type: ignore[override]
+    async def release(
         self, request: osx_pb2.ReleaseInbound, context: grpc.aio.ServicerContext[object, object]
     ) -> osx_pb2.TransportOutbound:
         with self._rpc.observe("release") as outcome:
@@ -177,7 +177,7 @@ class OsxProtocolServicer(osx_pb2_grpc.PrivateTransferProtocolServicer):
             return osx_pb2.Outbound(code=K_CODE_SYSTEM, message=f"{exc.grpc_status}: {exc}")
         return osx_pb2.Outbound(code=K_CODE_OK, message="success")
 
-    async def invoke(  # type: ignore[override]
+    async def invoke(
         self, request: osx_pb2.Inbound, context: grpc.aio.ServicerContext[object, object]
     ) -> osx_pb2.Outbound:
         with self._rpc.observe("invoke") as outcome:
@@ -185,7 +185,7 @@ class OsxProtocolServicer(osx_pb2_grpc.PrivateTransferProtocolServicer):
             outcome.code = "OK" if reply.code == K_CODE_OK else reply.code
             return reply
 
-    async def transport(  # type: ignore[override]
+    async def transport(
         self, request_iterator: AsyncIterator[osx_pb2.Inbound], context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[osx_pb2.Outbound]:
         headers = _metadata(context)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -97,7 +98,8 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
         self._forward_timeout = forward_timeout_s
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
 
-    def _stub(self, endpoint: Endpoint) -> proxy_pb2_grpc.DataTransferServiceStub:
+    def _stub(self, endpoint: Endpoint) -> Any:
+        # grpc's stubs type the generated stub as synchronous; on an aio channel its calls are awaitable.
         key = (endpoint.host, endpoint.port)
         channel = self._channels.get(key)
         if channel is None:
@@ -107,10 +109,10 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
 
     async def aclose(self) -> None:
         for channel in self._channels.values():
-            await channel.close()
+            await channel.close(None)
         self._channels.clear()
 
-    async def push(  # type: ignore[override]
+    async def push(
         self, request_iterator: AsyncIterator[proxy_pb2.Packet], context: grpc.aio.ServicerContext[object, object]
     ) -> proxy_pb2.Metadata:
         with self._rpc.observe("rollsite.push") as outcome:
@@ -167,7 +169,7 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
         self._router.report_success(endpoint, now=time.monotonic())
         return reply
 
-    async def unaryCall(  # type: ignore[override]
+    async def unaryCall(
         self, request: proxy_pb2.Packet, context: grpc.aio.ServicerContext[object, object]
     ) -> proxy_pb2.Packet:
         with self._rpc.observe("rollsite.unaryCall") as outcome:
@@ -210,7 +212,7 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
             f"{role} of party {party} unreachable within {timeout:g} s: " + ("; ".join(failures) or "deadline passed")
         )
 
-    async def pull(  # type: ignore[override]
+    async def pull(
         self, request: proxy_pb2.Metadata, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[proxy_pb2.Packet]:
         """Drain the packets stored locally for (task id or session, ``rollsite:{src.name}:{dst.name}``)."""
@@ -225,7 +227,7 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
                 return
             yield proxy_pb2.Packet.FromString(envelope.payload)
 
-    async def polling(  # type: ignore[override]
+    async def polling(
         self, request_iterator: AsyncIterator[proxy_pb2.PollingFrame], context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[proxy_pb2.PollingFrame]:
         await context.abort(
@@ -242,7 +244,7 @@ class RouteServicer(proxy_pb2_grpc.RouteServiceServicer):
         self._router = router
         self._rpc = rpc
 
-    async def query(  # type: ignore[override]
+    async def query(
         self, request: proxy_pb2.Topic, context: grpc.aio.ServicerContext[object, object]
     ) -> basic_meta_pb2.Endpoint:
         with self._rpc.observe("route.query") as outcome:

@@ -106,7 +106,7 @@ class OsxForwarder:
 
     async def aclose(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
 def _translate(exc: grpc.aio.AioRpcError, where: str) -> FedgateError:
@@ -165,4 +165,4 @@ class OsxQueueClient:
         await self._stub.release(osx_pb2.ReleaseInbound(topic=topic), metadata=self._headers(session), timeout=30)
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)

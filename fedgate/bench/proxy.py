@@ -1,0 +1,202 @@
+"""``fedgate bench proxy``: push->pop through two gateways on loopback, next to one gateway (no hop).
+
+Starts real gateway processes (``python -m fedgate run``) with durable SQLite stores in a temporary
+directory, then drives them with the OSX queue client the way FATE workers do: ``--concurrency``
+pushers into gateway A, as many pollers popping the same topic (at A for the no-hop baseline, at B
+for the hop). Each payload carries its send time; latency is push start -> pop return.
+Prints throughput (MB/s, msg/s) and p50/p99 latency per size and path, and the ratio hop/no-hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = ["main"]
+
+K_SIZES = {"1KiB": 1024, "1MiB": 1024 * 1024}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    path: str
+    size: int
+    messages: int
+    seconds: float
+    latencies: tuple[float, ...]
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.messages * self.size / self.seconds / 1e6
+
+    @property
+    def msg_per_s(self) -> float:
+        return self.messages / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def _write_gateway(
+    root: pathlib.Path, party: str, peer: str, peer_front: int, transport: str
+) -> tuple[pathlib.Path, int]:
+    front = _free_port()
+    gw = root / party
+    gw.mkdir(parents=True)
+    (gw / "routes.json").write_text(
+        json.dumps(
+            {
+                "self_party": [party],
+                "route_table": {peer: {"default": [{"ip": "127.0.0.1", "port": peer_front, "transport": transport}]}},
+            }
+        )
+    )
+    (gw / "fedgate.toml").write_text(
+        f'[gateway]\nparty_ids = ["{party}"]\n[front]\nlisten = "127.0.0.1:{front}"\n'
+        f'[link]\nlisten = "127.0.0.1:{_free_port()}"\ninsecure = true\n'
+        f'[store]\npath = "{gw / "fedgate.db"}"\nmin_free_bytes = 0\n[metrics]\nlisten = ""\n'
+        f'[log]\nlevel = "warning"\n[routes]\nfile = "{gw / "routes.json"}"\n'
+    )
+    return gw / "fedgate.toml", front
+
+
+@contextlib.contextmanager
+def _gateways(root: pathlib.Path) -> Iterator[tuple[int, int]]:
+    """Two gateways, 9999 (A) and 10000 (B), A routing to B's front over the OSX grpc hop."""
+    b_config, b_front = _write_gateway(root, "10000", "9999", 1, "grpc")
+    a_config, a_front = _write_gateway(root, "9999", "10000", b_front, "grpc")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "fedgate", "run", "--config", str(cfg)], stderr=subprocess.PIPE)
+        for cfg in (a_config, b_config)
+    ]
+    try:
+        for port in (a_front, b_front):
+            _wait_port(port)
+        yield a_front, b_front
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench proxy: gateway on port {port} did not start")
+
+
+async def _run_case(push_port: int, pop_port: int, *, path: str, size: int, count: int, concurrency: int) -> _Result:
+    from fedgate.proxy.osx_client import OsxQueueClient
+
+    session = f"bench-{path}-{size}-{time.monotonic_ns()}"
+    topic = f"{session}-guest-9999-host-10000-x"
+    pusher = OsxQueueClient(f"127.0.0.1:{push_port}", party="9999")
+    popper = OsxQueueClient(f"127.0.0.1:{pop_port}", party="10000")
+    body = os.urandom(max(0, size - 8))
+    latencies: list[float] = []
+    todo = list(range(count))
+
+    async def push_loop() -> None:
+        while todo:
+            todo.pop()
+            payload = struct.pack("<d", time.perf_counter()) + body
+            await pusher.push(session=session, topic=topic, target="10000", payload=payload)
+
+    async def pop_loop(n: int) -> None:
+        for _ in range(n):
+            payload = await popper.pop(session=session, topic=topic, timeout=120)
+            if payload is None:
+                raise SystemExit("bench proxy: a pop timed out; messages were lost or the gateway stalled")
+            latencies.append(time.perf_counter() - struct.unpack_from("<d", payload)[0])
+
+    share = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
+    started = time.perf_counter()
+    await asyncio.gather(*(push_loop() for _ in range(concurrency)), *(pop_loop(n) for n in share))
+    seconds = time.perf_counter() - started
+    await pusher.release(session=session)
+    await pusher.aclose()
+    await popper.aclose()
+    return _Result(path, size, count, seconds, tuple(latencies))
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedgate bench proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--count-1k", type=int, default=4000, help="1 KiB messages per path (default: %(default)s)")
+    parser.add_argument("--count-1m", type=int, default=300, help="1 MiB messages per path (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=16, help="pushers and poppers (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+
+    results: list[_Result] = []
+    with tempfile.TemporaryDirectory(prefix="fedgate-bench-") as tmp, _gateways(pathlib.Path(tmp)) as (a, b):
+        for label, size in K_SIZES.items():
+            count = args.count_1k if size == 1024 else args.count_1m
+            for path, pop_port in (("one gateway", a), ("two gateways", b)):
+                result = asyncio.run(
+                    _run_case(a, pop_port, path=path, size=size, count=count, concurrency=args.concurrency)
+                )
+                results.append(result)
+                print(
+                    f"  {label:>5} {path:<13} {result.mb_per_s:8.1f} MB/s {result.msg_per_s:9.0f} msg/s "
+                    f"p50 {result.pct(0.5):7.2f} ms  p99 {result.pct(0.99):7.2f} ms",
+                    flush=True,
+                )
+    print("\nsize   path           MB/s     msg/s    p50 ms   p99 ms   vs one gateway")
+    for r in results:
+        base = next(x for x in results if x.size == r.size and x.path == "one gateway")
+        print(
+            f"{r.size:>7} {r.path:<13} {r.mb_per_s:7.1f} {r.msg_per_s:9.0f} {r.pct(0.5):8.2f} {r.pct(0.99):8.2f}"
+            f"   {r.msg_per_s / base.msg_per_s:5.2f}x"
+        )
+    print(
+        f"(median latency over all: {statistics.median(x for r in results for x in r.latencies) * 1000:.2f} ms; "
+        f"{os.cpu_count()} CPUs, client and both gateways on this machine)"
+    )
+    if args.json:
+        pathlib.Path(args.json).write_text(
+            json.dumps(
+                [
+                    {
+                        "path": r.path,
+                        "size": r.size,
+                        "messages": r.messages,
+                        "seconds": r.seconds,
+                        "mb_per_s": r.mb_per_s,
+                        "msg_per_s": r.msg_per_s,
+                        "p50_ms": r.pct(0.5),
+                        "p99_ms": r.pct(0.99),
+                    }
+                    for r in results
+                ],
+                indent=2,
+            )
+        )
+    return 0
