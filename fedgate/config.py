@@ -38,7 +38,7 @@ K_MIB = 1024 * 1024  # bytes
 def parse_hostport(text: str, *, path: str = "", source: str = "") -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` too); a bad value is a ConfigError naming ``path``."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"expected host:port, got {text!r}", path=path, source=source)
     port = int(port_text)
     if not 0 <= port <= 65535:

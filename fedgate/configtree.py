@@ -60,6 +60,8 @@ def load_toml(path: pathlib.Path | str) -> dict[str, Any]:
         raise ConfigError("file not found", source=source) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=source) from exc
+    except ValueError as exc:  # tomllib raises a bare ValueError for integers beyond the digit limit
+        raise ConfigError(f"invalid TOML: {exc}", source=source) from exc
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=source) from exc
 
@@ -107,7 +109,14 @@ def _kind(value: Any) -> str:
         return "a table"
     if isinstance(value, list | tuple):
         return "an array"
-    return f"{type(value).__name__} {value!r}"[:80]
+    return f"{type(value).__name__} {_show(value)}"[:80]
+
+
+def _show(value: Any) -> str:
+    """``repr`` that cannot fail: huge ints exceed Python's int-to-str digit limit."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<integer of {value.bit_length()} bits>"
+    return repr(value)
 
 
 def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
@@ -128,7 +137,7 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices or type(value) is not type(choices[0]):
-            raise ConfigError(f"{value!r} is not one of {list(choices)}", path=path, source=source)
+            raise ConfigError(f"{_show(value)} is not one of {list(choices)}", path=path, source=source)
         return value
     if origin is tuple:
         args = get_args(tp)
@@ -162,7 +171,10 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
             raise ConfigError(f"expected a number, got {_kind(value)}", path=path, source=source)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError("expected a finite number", path=path, source=source)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError as exc:
+            raise ConfigError("number too large", path=path, source=source) from exc
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {_kind(value)}", path=path, source=source)
@@ -184,7 +196,8 @@ def _check_bounds(meta: Mapping[str, Any], value: Any, path: str, source: str) -
     if isinstance(value, int | float) and not isinstance(value, bool):
         for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if key in meta and not _OPS[key](value, meta[key]):
-                raise ConfigError(f"{value!r} is out of range: must be {sign} {meta[key]}", path=path, source=source)
+                message = f"{_show(value)} is out of range: must be {sign} {meta[key]}"
+                raise ConfigError(message, path=path, source=source)
 
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
