@@ -77,7 +77,10 @@ class HeBackend(Protocol):
         ...
 
     def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
-        """Element-wise multiplication by plaintext residues mod n (above n/2 means negative)."""
+        """Element-wise multiplication by plaintext residues mod n (above n/2 means negative).
+
+        For k <= n/2 the result is exactly c^k mod n^2; above, any valid encryption of k*m.
+        """
         ...
 
     def powm(self, base: LimbBuffer, exponent: LimbBuffer, modulus: int) -> LimbBuffer:
