@@ -49,7 +49,9 @@ __all__ = ["PickleLimits", "PickleWalker", "decode_bincode_modulus"]
 
 K_SNIFF = 10  # bytes of a long argument kept to recognise safetensors
 K_MAX_KEY_STATE = 1 << 16  # ints of a key's state list decoded (a 16384-bit key needs ~4,100)
-K_SEARCH_NODES = 2000  # nodes visited when looking for keys inside a PHETensor's state
+K_SEARCH_NODES = 2000  # containers/objects visited when looking for keys inside a PHETensor's state
+K_SEARCH_ITEMS = 1 << 20  # child references examined in that search
+_COMPOSITE = frozenset({"list", "tuple", "dict", "set", "obj", "opaque"})
 
 _OPS: Mapping[int, pickletools.OpcodeInfo] = MappingProxyType({ord(op.code): op for op in pickletools.opcodes})
 _BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
@@ -574,24 +576,26 @@ class PickleWalker:
 
     @staticmethod
     def _keys_in(root: _Sym) -> list[KeyFound]:
+        """Keys reachable from ``root`` through containers and object states (bounded search)."""
         found: list[KeyFound] = []
         seen: set[int] = set()
-        todo: list[Any] = [root]
-        while todo and len(seen) < K_SEARCH_NODES:
+        todo: list[_Sym] = [root]
+        budget = K_SEARCH_ITEMS
+        while todo and len(seen) < K_SEARCH_NODES and budget > 0:
             node = todo.pop()
-            if isinstance(node, tuple):
-                todo.extend(node)
-                continue
-            if not isinstance(node, _Sym) or id(node) in seen:
+            if id(node) in seen:
                 continue
             seen.add(id(node))
             if node.key is not None:
                 found.append(node.key)
                 continue
-            todo.extend(node.items)
-            for child in (node.state, node.args):
-                if child is not None:
-                    todo.append(child)
+            children: list[Any] = [node.state, node.args, *node.items]
+            budget -= len(children)
+            for child in children:
+                for sym in child if isinstance(child, tuple) else (child,):
+                    # scalars cannot hold a key: only descend into containers and objects
+                    if isinstance(sym, _Sym) and sym.kind in _COMPOSITE:
+                        todo.append(sym)
         return found
 
 

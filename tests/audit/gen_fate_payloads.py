@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,12 +44,12 @@ K_BIG_ROWS = 40_000  # rows of 8 float64 features: 2.56 MB, split by FATE (limit
 def _serve(outdir: pathlib.Path, port_file: pathlib.Path) -> None:
     """The recording OSX server (its own process: FATE's standalone computing forks workers)."""
     import grpc
-    from fate.arch.federation.backends.osx import osx_pb2, osx_pb2_grpc
+    from fate.arch.federation.backends.osx import osx_pb2, osx_pb2_grpc  # type: ignore[import-not-found, unused-ignore]
 
     lock = threading.Lock()
     count = [0]
 
-    class Servicer(osx_pb2_grpc.PrivateTransferTransportServicer):  # type: ignore[misc]
+    class Servicer(osx_pb2_grpc.PrivateTransferTransportServicer):  # type: ignore[misc, unused-ignore]
         def push(self, request: Any, context: Any) -> Any:
             md = {k: v for k, v in context.invocation_metadata()}
             msg = osx_pb2.Message.FromString(request.payload)
@@ -99,9 +99,9 @@ def _cipher(bits: int) -> Any:
     """
     import random
 
-    from fate.arch.context._cipher import PHECipher
-    from fate.arch.protocol.phe.paillier import evaluator, keygen
-    from fate.arch.tensor.phe import PHETensorCipher
+    from fate.arch.context._cipher import PHECipher  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.protocol.phe.paillier import evaluator, keygen  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.tensor.phe import PHETensorCipher  # type: ignore[import-not-found, unused-ignore]
 
     sk, pk, coder = keygen(bits if bits % 2 == 0 else bits + 23)
     if bits % 2:
@@ -113,7 +113,7 @@ def _cipher(bits: int) -> Any:
 
 def _objects() -> list[tuple[str, Any]]:
     import numpy as np
-    import torch
+    import torch  # type: ignore[import-not-found, unused-ignore]
 
     gen = torch.Generator().manual_seed(7)
     ok = torch.rand(16, 4, generator=gen, dtype=torch.float64)
@@ -149,14 +149,12 @@ def main(argv: list[str]) -> int:
         return 0
     outdir = pathlib.Path(argv[1])
     outdir.mkdir(parents=True, exist_ok=True)
-    from fate.arch.computing.backends.standalone import CSession
-    from fate.arch.context import Context
-    from fate.arch.federation.backends.osx import OSXFederation
+    from fate.arch.computing.backends.standalone import CSession  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.context import Context  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.federation.backends.osx import OSXFederation  # type: ignore[import-not-found, unused-ignore]
 
     port_file = outdir / "port"
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(outdir), str(port_file)], stdin=subprocess.PIPE
-    )
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(outdir), str(port_file)], stdin=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists() or not port_file.read_text():

@@ -1,0 +1,169 @@
+"""Shared fixtures of the audit tests: real FATE payloads, hand-built hostile pickles, envelopes.
+
+``fate_payloads`` runs ``gen_fate_payloads.py`` once per session under the pyfate test virtualenv
+(``.test-venvs/pyfate``, built by ``make interop-venv``). When that venv is absent the tests that
+need it skip locally with the reason, and FAIL when the ``CI`` environment variable is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from fedgate.proxy.envelope import Envelope
+from fedgate.proxy.protos import osx_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+K_PYFATE = pathlib.Path(os.environ.get("FEDGATE_INTEROP_VENVS", ROOT / ".test-venvs")) / "pyfate"
+K_GENERATOR = pathlib.Path(__file__).with_name("gen_fate_payloads.py")
+
+
+@dataclass(frozen=True)
+class FatePayload:
+    """One PushInbound payload the real FATE guest sent."""
+
+    object: str
+    envelope: Envelope
+    content_type: str
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"real FATE payloads unavailable under CI: {reason}")
+    pytest.skip(f"real FATE payloads unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def fate_payloads(tmp_path_factory: pytest.TempPathFactory) -> list[FatePayload]:
+    python = K_PYFATE / "bin" / "python"
+    failed = K_PYFATE.with_name("pyfate.failed")
+    if not python.exists():
+        why = failed.read_text().strip() if failed.exists() else "run `make interop-venv`"
+        _unavailable(f"{python} is missing ({why})")
+    out = tmp_path_factory.mktemp("fate-payloads")
+    env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "true", "GRPC_POLL_STRATEGY": "poll"}
+    proc = subprocess.run(
+        [str(python), str(K_GENERATOR), str(out)], capture_output=True, text=True, timeout=240, env=env
+    )
+    if proc.returncode != 0 or "RESULT " not in proc.stdout:
+        pytest.fail(f"gen_fate_payloads.py failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    payloads = []
+    for i, entry in enumerate(manifest):
+        payloads.append(
+            FatePayload(
+                object=entry["object"],
+                content_type=entry["content_type"],
+                envelope=Envelope(
+                    message_id=f"fate-{i:03d}",
+                    session_id=entry["session"],
+                    topic=entry["topic"],
+                    src_party=entry["src_party"],
+                    dst_party=entry["dst_party"],
+                    payload=(out / entry["file"]).read_bytes(),
+                    src_role="guest",
+                    dst_role="host",
+                ),
+            )
+        )
+    return payloads
+
+
+def osx_envelope(
+    name: str,
+    body: bytes,
+    *,
+    session: str = "sess-1",
+    src: str = "9999",
+    dst: str = "10000",
+    content_type: str = "text/plain",
+    message_id: str = "",
+) -> Envelope:
+    """An envelope shaped like a FATE OSX push (``Message(head=JSON, body=FATE bytes)``)."""
+    head = {"content_type": content_type, "app_id": dst, "message_id": name, "correlation_id": "tag"}
+    msg = osx_pb2.Message(head=json.dumps(head).encode(), body=body)
+    return Envelope(
+        message_id=message_id or f"{name}-{len(body)}",
+        session_id=session,
+        topic=f"{session}-guest-{src}-host-{dst}-{name}",
+        src_party=src,
+        dst_party=dst,
+        payload=msg.SerializeToString(),
+    )
+
+
+def fate_inline(obj_pickle: bytes) -> bytes:
+    """FATE object bytes of an inline pickle (mode byte 0)."""
+    return b"\x00" + obj_pickle
+
+
+class _Gadget:
+    """Pickles to ``os.system(command)``: the classic unpickling RCE."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def gadget_pickle(command: str, protocol: int = 4) -> bytes:
+    return pickle.dumps(_Gadget(command), protocol=protocol)
+
+
+def bincode(values: list[int]) -> bytes:
+    out = b""
+    for v in values:
+        digits = format(v, "x").encode()
+        out += (16).to_bytes(4, "little") + len(digits).to_bytes(8, "little") + digits
+    return out
+
+
+def forged_pk_pickle(bits: int) -> bytes:
+    """A pickle of a ``fate_utils.paillier.PK`` whose modulus has ``bits`` bits, built by hand.
+
+    The class is a stand-in carrying the real module/name, so the opcodes are exactly what
+    pickling the pyo3 class produces: STACK_GLOBAL, EMPTY_TUPLE, NEWOBJ, a list of byte ints, BUILD.
+    """
+    n = (1 << (bits - 1)) | 0x1234567 | 1
+    state = list(bincode([n, n * n, n + 1]))
+
+    class PK:
+        def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+            return (copyreg_newobj, (PK,), state)
+
+    import copyreg
+
+    copyreg_newobj = copyreg.__newobj__  # type: ignore[attr-defined]
+    PK.__module__ = "fate_utils.paillier"
+    PK.__qualname__ = "PK"
+    module = type(sys)("fate_utils.paillier")
+    module.PK = PK  # type: ignore[attr-defined]
+    saved = {k: sys.modules.get(k) for k in ("fate_utils", "fate_utils.paillier")}
+    sys.modules["fate_utils"] = type(sys)("fate_utils")
+    sys.modules["fate_utils.paillier"] = module
+    try:
+        return pickle.dumps(PK(), protocol=4)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+@pytest.fixture
+def canary(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A path that a gadget would create if anything ever executed it."""
+    path = tmp_path / "pwned"
+    yield path
+    assert not path.exists(), "a gadget pickle was executed"
