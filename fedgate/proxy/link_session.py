@@ -57,13 +57,15 @@ class LinkConnection(Generic[CoreT]):
         """The core has something to send (or the connection ended): wake the writer."""
         self._wake.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run an owner's task for the life of this connection (cancelled when it ends)."""
         assert self._group is not None, "spawn() needs a running connection"
+        if self.terminated is not None:
+            coro.close()
+            return
         task = self._group.create_task(self._guard(coro))
         self._tasks.append(task)
         task.add_done_callback(self._forget)
-        return task
 
     async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
