@@ -1,0 +1,179 @@
+"""``fedgate bench link``: link throughput next to raw TLS-over-TCP throughput, same loopback, same run.
+
+Rules of this module: every figure is printed next to the baseline measured in the same process and
+run (raw TLS 1.3 over TCP on 127.0.0.1, bulk writes, one event loop holding both ends, like the link
+runs); the ratio is what to compare across machines. Stores are in memory (a counting inbox that keeps
+ids, not payloads), so this measures the link protocol and carrier, not SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import ssl
+import tempfile
+import time
+from collections.abc import Sequence
+
+from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.envelope import Envelope
+from fedgate.proxy.link_core import LinkParams
+from fedgate.proxy.link_listener import LinkListener
+from fedgate.proxy.link_sender import LinkSender, carrier_dial
+from fedgate.proxy.tcp_carrier import TcpCarrier
+from fedgate.proxy.testing import MemoryOutbox
+
+__all__ = ["main"]
+
+K_MIB = 1024 * 1024  # bytes
+
+
+class _CountingInbox:
+    """An Inbox that remembers ids and sizes only (payloads would not fit in memory for long runs)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.count = 0
+        self.bytes = 0
+        self.partials: dict[str, bytearray] = {}
+        self.done = asyncio.Event()
+        self.expect = 0
+
+    async def deliver(self, envelope: Envelope) -> bool:
+        if envelope.message_id in self.seen:
+            return False
+        self.seen.add(envelope.message_id)
+        self.count += 1
+        self.bytes += envelope.size
+        if self.count >= self.expect:
+            self.done.set()
+        return True
+
+    async def partial_size(self, message_id: str) -> int:
+        return len(self.partials.get(message_id, b""))
+
+    async def append_partial(self, message_id: str, offset: int, chunk: bytes) -> None:
+        self.partials.setdefault(message_id, bytearray()).extend(chunk)
+
+    async def take_partial(self, message_id: str) -> bytes:
+        return bytes(self.partials.pop(message_id, b""))
+
+
+def _contexts(directory: pathlib.Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = load_or_create_ca(directory)
+    for party in ("1", "2"):
+        issue_party(directory, party, ca=ca)
+    server = server_context(directory / "ca.pem", directory / "party-2.pem", directory / "party-2.key")
+    client = client_context(directory / "ca.pem", directory / "party-1.pem", directory / "party-1.key")
+    return server, client
+
+
+async def raw_tls(total: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl.SSLContext | None) -> float:
+    """Seconds to push ``total`` bytes through TLS over TCP on loopback with bulk writes."""
+    done = asyncio.Event()
+    received = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        while received < total:
+            data = await reader.read(K_MIB)
+            if not data:
+                break
+            received += len(data)
+        done.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx, limit=4 * K_MIB)
+    port = server.sockets[0].getsockname()[1]
+    block = memoryview(bytes(K_MIB))
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost" if client_ctx else None, limit=4 * K_MIB)
+    writer.transport.set_write_buffer_limits(high=4 * K_MIB)
+    sent = 0
+    while sent < total:
+        n = min(K_MIB, total - sent)
+        writer.write(block[:n])
+        await writer.drain()
+        sent += n
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    writer.close()
+    server.close()
+    return elapsed
+
+
+async def link_run(count: int, size: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl.SSLContext | None,
+                   *, chunk: int, window: int) -> float:
+    """Seconds for ``count`` messages of ``size`` bytes to be stored and acknowledged over a link."""
+    carrier = TcpCarrier()
+    inbox = _CountingInbox()
+    inbox.expect = count
+    outbox = MemoryOutbox()
+    payload = bytes(size)
+    for i in range(count):
+        await outbox.put("2", Envelope(message_id=f"m{i}", session_id="s", topic="t", src_party="1",
+                                       dst_party="2", payload=payload))
+    listener = LinkListener(params=LinkParams("2", chunk_bytes=chunk, window_bytes=window), inbox=inbox,
+                            allow=lambda party: True)
+    server = await carrier.listen("127.0.0.1", 0, tls=server_ctx, handler=listener.handle)
+    sender = LinkSender(
+        peer="2", params=LinkParams("1", chunk_bytes=chunk, window_bytes=window), outbox=outbox,
+        dial=carrier_dial(carrier.connect, "127.0.0.1", server.port, tls=client_ctx, server_hostname="localhost",
+                          timeout=10.0),
+    )
+    start = time.perf_counter()
+    task = asyncio.create_task(sender.run())
+    await inbox.done.wait()
+    while sender.statistics().messages_acked < count:
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - start
+    await sender.aclose(drain_timeout=1.0)
+    task.cancel()
+    await server.aclose()
+    return elapsed
+
+
+async def _bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server_ctx, client_ctx = (None, None) if args.plain else _contexts(pathlib.Path(tmp))
+        total = args.total_mib * K_MIB
+        mode = "plain TCP" if args.plain else "TLS 1.3 (mTLS) over TCP"
+        print(f"# fedgate bench link: loopback, {mode}, chunk {args.chunk_kib} KiB, window {args.window_mib} MiB")
+        raw = min([await raw_tls(total, server_ctx, client_ctx) for _ in range(args.repeat)])
+        raw_rate = total / raw / K_MIB
+        print(f"{'case':<28}{'MiB/s':>10}{'msg/s':>12}{'vs raw':>9}")
+        print(f"{'raw socket, 1 MiB writes':<28}{raw_rate:>10.1f}{'':>12}{1.0:>9.2f}")
+        cases = [("link, 1 MiB messages", args.total_mib, K_MIB),
+                 ("link, 1 KiB messages", args.small_count, 1024)]
+        for label, count, size in cases:
+            secs = min([await link_run(count, size, server_ctx, client_ctx, chunk=args.chunk_kib * 1024,
+                                       window=args.window_mib * K_MIB) for _ in range(args.repeat)])
+            rate = count * size / secs / K_MIB
+            print(f"{label:<28}{rate:>10.1f}{count / secs:>12.0f}{rate / raw_rate:>9.2f}")
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedgate bench link", description=__doc__.splitlines()[0])
+    parser.add_argument("--total-mib", type=int, default=256, help="MiB per bulk case (default 256)")
+    parser.add_argument("--small-count", type=int, default=20000, help="1 KiB messages to send (default 20000)")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="link chunk size in KiB (default 1024)")
+    parser.add_argument("--window-mib", type=int, default=64, help="link credit window in MiB (default 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is printed")
+    parser.add_argument("--plain", action="store_true", help="no TLS (both baseline and link)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    args = parser.parse_args(list(argv))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(_bench(args))
+    else:
+        asyncio.run(_bench(args))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
