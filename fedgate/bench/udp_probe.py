@@ -10,8 +10,9 @@ Usage (each prints ONE JSON line on stdout at the end)::
 Rules of this module:
 
 1. ``echo`` and ``sink`` end after ``--idle`` seconds without a datagram (once one has arrived;
-   before that they wait K_FIRST_WAIT seconds). ``ping`` sends all probes first, paced by
-   ``--interval``, then collects replies for ``--wait`` seconds; a lost probe simply has no RTT.
+   before that they wait K_FIRST_WAIT seconds). ``ping`` sends probes paced by ``--interval`` and
+   reads replies as they arrive, until all are back or ``--wait`` seconds after the last send; a lost
+   probe simply has no RTT.
 2. ``blast`` paces by absolute schedule (packet i leaves at start + i / pps), so a slow scheduler
    slice is caught up rather than lowering the rate; ``sink`` reports first/last arrival times so the
    caller can compute the arrival rate over the busy period.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import struct
 import sys
@@ -65,25 +67,32 @@ def echo(listen: str, *, idle: float) -> dict[str, Any]:
 
 
 def ping(connect: str, *, count: int, interval: float, wait: float) -> dict[str, Any]:
-    """Send ``count`` probes; RTTs in milliseconds, in sequence order (None when lost)."""
+    """Send ``count`` probes; RTTs in milliseconds, in sequence order (None when lost).
+
+    Replies are read as they arrive (select() until the next send is due), so a reply is never
+    stamped late by the sender's pacing.
+    """
     rtts: list[float | None] = [None] * count
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(_split(connect))
         sock.setblocking(False)
         pad = bytes(32)
-        for seq in range(count):
-            sock.send(K_HEAD.pack(seq, time.monotonic()) + pad)
-            _drain_replies(sock, rtts)
-            time.sleep(interval)
-        deadline = time.monotonic() + wait
-        sock.setblocking(True)
+        start = time.monotonic()
+        seq = 0
+        deadline = start + (count - 1) * interval + wait
         while time.monotonic() < deadline and any(r is None for r in rtts):
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                break
-            _note_reply(data, rtts)
+            now = time.monotonic()
+            if seq < count and now >= start + seq * interval:
+                sock.send(K_HEAD.pack(seq, now) + pad)
+                seq += 1
+                continue
+            until = start + seq * interval if seq < count else deadline
+            if select.select([sock], [], [], max(0.0, until - now))[0]:
+                while True:
+                    try:
+                        _note_reply(sock.recv(65536), rtts)
+                    except BlockingIOError:
+                        break
     got = [r for r in rtts if r is not None]
     return {"rtts_ms": rtts, "received": len(got), "lost": count - len(got)}
 
@@ -92,14 +101,6 @@ def _note_reply(data: bytes, rtts: list[float | None]) -> None:
     seq, sent = K_HEAD.unpack_from(data)
     if 0 <= seq < len(rtts) and rtts[seq] is None:
         rtts[seq] = (time.monotonic() - sent) * 1000.0
-
-
-def _drain_replies(sock: socket.socket, rtts: list[float | None]) -> None:
-    while True:
-        try:
-            _note_reply(sock.recv(65536), rtts)
-        except BlockingIOError:
-            return
 
 
 def sink(listen: str, *, idle: float) -> dict[str, Any]:
