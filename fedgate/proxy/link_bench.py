@@ -88,7 +88,7 @@ async def raw_tls(total: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl
     port = server.sockets[0].getsockname()[1]
     block = memoryview(bytes(K_MIB))
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(
+    _reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost" if client_ctx else None, limit=4 * K_MIB)
     writer.transport.set_write_buffer_limits(high=4 * K_MIB)
     sent = 0

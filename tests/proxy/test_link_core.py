@@ -10,7 +10,13 @@ from fedgate.errors import LocalError
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import K_FRAME_CHARGE, LinkParams, LinkState
 from fedgate.proxy.link_events import (
-    ChunkReceived, ChunkStored, ConnectionTerminated, HandshakeCompleted, LinkEvent, MessagesAcked, RttMeasured,
+    ChunkReceived,
+    ChunkStored,
+    ConnectionTerminated,
+    HandshakeCompleted,
+    LinkEvent,
+    MessagesAcked,
+    RttMeasured,
 )
 from fedgate.proxy.link_frames import MSG, FrameDecoder, encode_frame
 from fedgate.proxy.link_recv import LinkReceiverCore, plan_chunk

@@ -8,7 +8,14 @@ import pytest
 from fedgate.errors import RemoteProtocolError
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_frames import (
-    ACK, K_PREFIX_SIZE, MSG, PING, FrameDecoder, encode_frame, envelope_from_header, envelope_header,
+    ACK,
+    K_PREFIX_SIZE,
+    MSG,
+    PING,
+    FrameDecoder,
+    encode_frame,
+    envelope_from_header,
+    envelope_header,
 )
 
 
@@ -56,9 +63,9 @@ def test_envelope_header_round_trip_and_validation() -> None:
                    src_role="guest", dst_role="host", metadata={"k": "v"}, protocol="rollsite", created_at=12.5)
     back = envelope_from_header("m1", msgpack.unpackb(msgpack.packb(envelope_header(env))))
     assert back == Envelope(**{**{f: getattr(env, f) for f in env.__slots__}, "payload": b""})
-    with pytest.raises(RemoteProtocolError, match="e.p"):
+    with pytest.raises(RemoteProtocolError, match=r"e\.p"):
         envelope_from_header("m1", {**envelope_header(env), "p": "http"})
-    with pytest.raises(RemoteProtocolError, match="e.m"):
+    with pytest.raises(RemoteProtocolError, match=r"e\.m"):
         envelope_from_header("m1", {**envelope_header(env), "m": {"k": 1}})
     with pytest.raises(RemoteProtocolError, match="'s'"):
         envelope_from_header("m1", {"t": "t", "sp": "1", "dp": "2"})

@@ -30,7 +30,7 @@ def feed(core: LinkReceiverCore | LinkSenderCore, pieces: list[bytes]) -> list[L
             assert steps < 100_000  # no hang: every step consumes a frame
             events = core.next_events(now=0.0)
         bound = K_PREFIX_SIZE + K_MAX_HEADER + K_CHUNK + len(piece)
-        assert core._decoder.buffered <= bound  # noqa: SLF001  (the property under test)
+        assert core._decoder.buffered <= bound  # the property under test
     return out
 
 
