@@ -348,6 +348,8 @@ class _Parser:
             by_role: dict[str, tuple[Endpoint, ...]] = {}
             for role, eps in roles.items():
                 rpath = (*ppath, role)
+                if not role:
+                    raise _KeyPathError("empty role name", rpath)
                 if not isinstance(eps, list):
                     raise _KeyPathError(f"expected an array of endpoints, got {_kind(eps)}", rpath)
                 if not eps:

@@ -173,6 +173,8 @@ def test_shipped_default_table_is_valid_osx_for_party_9999() -> None:
         ('{"route_table": {}, "permission": {"default_allow": "true"}}', "permission.default_allow", 1),
         ('{"self_party": "9999", "route_table": {}}', "self_party", 1),
         ('{"permission": {}}', "", 1),
+        ('{"route_table": {"1": {"": [{"ip": "a", "port": 1}]}}}', "route_table.1.", 1),
+        ('{"route_table": {"": {"r": [{"ip": "a", "port": 1}]}}}', "route_table.", 1),
     ],
 )
 def test_errors_name_file_key_path_and_line(text: str, path: str, line: int) -> None:
