@@ -167,7 +167,8 @@ class PickleWalker:
     def close(self) -> None:
         """The pickle's bytes are all in; a walk that has not reached STOP is reported as truncated."""
         if self._state == "run":
-            self._error(f"truncated after {self.consumed} bytes")
+            self._state = "error"
+            self._events.append(Malformed("pickle", f"truncated after {self.consumed} bytes"))
 
     # -- the opcode loop --------------------------------------------------------------------------
 

@@ -200,6 +200,13 @@ class AuditPolicy:
                 raise ConfigError("negative column", path=f"{where}.required_features", source=source)
             if any(b <= 0 for b in rule.key_bits):
                 raise ConfigError("key sizes must be positive", path=f"{where}.key_bits", source=source)
+        for i, algo in enumerate(self.algorithms):
+            if not algo.name:
+                raise ConfigError("must be set", path=f"algorithms[{i}].name", source=source)
+            if not algo.sessions:
+                raise ConfigError(
+                    "must list at least one session glob", path=f"algorithms[{i}].sessions", source=source
+                )
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ConfigError("rule names repeat", path="rules", source=source)
