@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fedgate.bench import Sandbox, TunLink
+from fedgate.bench import LinkEmulator, Sandbox, netem_available, open_link
 
 K_NEEDS = "needs root, /dev/net/tun and iproute2 (network namespaces, TUN devices)"
 
@@ -34,7 +34,7 @@ def our_netns(pid: int) -> list[str]:
 class LinkUnderTest:
     """A TUN link and a way to run probes on either side of it."""
 
-    def __init__(self, sandbox: Sandbox, link: TunLink) -> None:
+    def __init__(self, sandbox: Sandbox, link: LinkEmulator) -> None:
         self.sandbox = sandbox
         self.link = link
         self.port = 30000
@@ -57,10 +57,16 @@ class LinkUnderTest:
         return self.port
 
 
-@pytest.fixture(scope="module")
-def tun_link() -> Iterator[LinkUnderTest]:
+@pytest.fixture(scope="module", params=["tun", "netem"])
+def emulated_link(request: pytest.FixtureRequest) -> Iterator[LinkUnderTest]:
+    """Each emulator in turn; netem only where the kernel has sch_netem (this project's machines do not)."""
+    kind: str = request.param
+    if kind == "netem":
+        ok, why = netem_available()
+        if not ok:
+            pytest.skip(f"kernel netem absent here ({why[-120:]}); the TUN emulator covers this host")
     with Sandbox() as sandbox:
-        link = TunLink(sandbox, seed=11)
+        link = open_link(kind, sandbox, seed=11)
         yield LinkUnderTest(sandbox, link)
         link.close()
     assert our_netns(os.getpid()) == []

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from fedgate.bench import SEED_ROWS, LinkRow, link_settings, load_rows_file, parse_row, physical_limit_mbit
+from fedgate.bench import (
+    SEED_ROWS,
+    LinkRow,
+    link_settings,
+    load_rows_file,
+    netem_argv,
+    parse_row,
+    physical_limit_mbit,
+)
 from fedgate.errors import ConfigError
 
 
@@ -56,3 +65,14 @@ def test_physical_limit() -> None:
 
 def test_seed_rows_are_the_six_of_the_issue() -> None:
     assert SEED_ROWS == ((20, 0.01), (40, 0.1), (80, 1), (160, 2), (320, 4), (320, 10))
+
+
+def test_netem_command_for_a_row() -> None:
+    shape = link_settings(LinkRow(80, 1, 100)).a_to_b
+    argv = netem_argv("ns", "dev", shape, mtu=1500, min_packet=1500)
+    assert argv[:9] == ["tc", "-n", "ns", "qdisc", "replace", "dev", "dev", "root", "netem"]
+    text = " ".join(argv)
+    assert "delay 40000us" in text and "loss random 1%" in text and "rate 100000000bit" in text
+    # the packet limit holds the queue (1 BDP) plus the delay line (rate x one-way delay) in MTU packets
+    limit = int(argv[argv.index("limit") + 1])
+    assert limit == math.ceil((1_000_000 + 100e6 / 8 * 0.040) / 1500)
