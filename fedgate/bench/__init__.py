@@ -8,6 +8,8 @@ Public surface (see README.md in this directory for the layout): the link emulat
 Heavy or optional pieces (matplotlib) are imported only when used.
 """
 
+from collections.abc import Sequence as _Sequence
+
 from fedgate.bench._emucore import DirectionShape, DirectionStats, EmuDirection, default_queue_bytes
 from fedgate.bench._links import LinkEmulator, NetemLink, TunLink, netem_argv, netem_available, open_link
 from fedgate.bench._matrix import (
@@ -22,7 +24,14 @@ from fedgate.bench._matrix import (
 from fedgate.bench._report import PlotUnavailableError, TransferResult, format_table, write_plot
 from fedgate.bench._sandbox import BenchSetupError, Sandbox, remove_stale
 from fedgate.bench._transports import TransportRunner, availability, build_transports, select_transports
-from fedgate.bench.wan import main as wan_main
+
+
+def wan_main(argv: _Sequence[str]) -> int:
+    """``fedgate bench wan`` (imported on call, so ``python -m fedgate.bench.wan`` runs cleanly)."""
+    from fedgate.bench.wan import main
+
+    return main(argv)
+
 
 __all__ = [
     "SEED_ROWS",
