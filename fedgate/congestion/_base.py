@@ -33,6 +33,7 @@ __all__ = [
 K_INITIAL_WINDOW_PACKETS = 10  # packets (RFC 9002 section 7.2)
 K_MINIMUM_WINDOW_PACKETS = 2  # packets (RFC 9002 section 7.2)
 K_RTT_ALPHA = 0.125  # weight of a new sample in the smoothed RTT (RFC 6298)
+K_MIN_RTT_SAMPLE = 0.001  # seconds: event-loop clocks tick in milliseconds (aioquic floors RTT the same way)
 
 
 @dataclass(slots=True)
@@ -155,7 +156,7 @@ class CongestionController(abc.ABC):
             self._first_sent_time = packet.sent_time
         if self._app_limited_until and self._delivered > self._app_limited_until:
             self._app_limited_until = 0
-        rtt = max(now - packet.sent_time, 1e-6)
+        rtt = max(now - packet.sent_time, K_MIN_RTT_SAMPLE)
         self._update_rtt(rtt)
         send_elapsed = packet.sent_time - packet.first_sent_time
         ack_elapsed = now - packet.delivered_time

@@ -1,0 +1,648 @@
+"""The ``quic`` link carrier: reliable byte channels to peer gateways over QUIC (aioquic).
+
+Rules of this module (the only asyncio adapter of the package):
+
+1. One QUIC connection per peer (host, port, expected party, security mode); every ``connect`` opens one
+   bidirectional stream on it, every stream the peer opens becomes a channel for the listener's handler.
+2. The connection's congestion controller is ours (``QuicConfig.congestion_control``), with our pacer
+   (:func:`fedgate.congestion._quic_cc.install`); flow-control windows come from ``QuicConfig`` and
+   should be >= twice the path's bandwidth-delay product.
+3. Transmit batching: everything that wants packets sent (datagrams received, timers, sends) only
+   schedules a transmit; one transmit runs per event-loop iteration.
+4. Mutual TLS: ``tls`` not None means mutual TLS with this carrier's :class:`QuicIdentity` (the ``[tls]``
+   files; aioquic has its own TLS stack, so the ``ssl.SSLContext`` itself is not used). Both ends verify
+   the peer after the handshake (:func:`fedgate.congestion._quic_tls.verify_peer`) before any channel
+   is surfaced; ``server_hostname`` is the party id the server must prove. ``tls=None`` is insecure
+   mode (self-signed, unverified, ``peer_party`` None).
+5. Failures are typed: ``connect`` raises PeerUnavailableError naming the endpoint and the reason; when a
+   connection dies (peer closed, identity rejected, idle timeout after a path outage) every channel's
+   pending and later ``send``/``receive`` raise PeerUnavailableError with that reason. Data received
+   before the failure is still returned first. A PING every ``keepalive_s`` keeps an idle link alive;
+   a path outage shorter than ``idle_timeout_s`` is survived (QUIC retransmits), a longer one fails.
+6. Backpressure: ``send`` waits while the stream holds ``send_buffer_bytes`` unacknowledged bytes.
+   Received data is buffered without bound here: the link protocol above bounds it with its credits.
+7. qlog: with ``qlog_dir`` set, connections to/from ``qlog_peers`` (party id, host or host:port; empty =
+   all) write one qlog JSON trace each when they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import pathlib
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
+
+from fedgate.congestion import CongestionStatistics, create_controller
+from fedgate.congestion._quic_cc import AioquicController, install
+from fedgate.congestion._quic_tls import QuicIdentity, self_signed, verify_peer
+from fedgate.congestion.config import QuicConfig
+from fedgate.errors import ConfigError, LocalError, PeerUnavailableError
+from fedgate.proxy.carrier import ChannelHandler
+
+__all__ = ["QuicByteChannel", "QuicCarrier", "QuicCarrierServer", "QuicIdentity"]
+
+log = logging.getLogger(__name__)
+
+K_ALPN = "fedgate-link/1"  # ALPN protocol id of the link over QUIC
+K_CHUNK = 256 * 1024  # bytes handed to aioquic per send_stream_data call
+K_SOCKET_BUFFER = 8 * 1024 * 1024  # bytes of kernel UDP buffer requested per socket
+K_IDENTITY_REJECTED = 0x10  # application error code: the peer's certificate was rejected
+K_CLOSED_BY_US = 0x0  # application error code of an orderly close
+
+
+def _grow_socket_buffers(sock: socket.socket) -> None:
+    """Ask for large kernel buffers (FORCE works as root, past rmem_max); best effort."""
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        for opt in (force, plain):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, K_SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class _QlogSink(QuicLogger):
+    """Keeps traces in memory; writes the wanted ones to ``directory`` when their connection ends."""
+
+    def __init__(self, directory: pathlib.Path, peers: tuple[str, ...]) -> None:
+        super().__init__()
+        self._dir = directory
+        self._peers = set(peers)
+        self._labels: dict[int, str] = {}
+
+    def wanted(self, names: list[str]) -> bool:
+        return not self._peers or bool(self._peers.intersection(names))
+
+    def label(self, trace: QuicLoggerTrace, names: list[str]) -> None:
+        if self.wanted(names):
+            self._labels[id(trace)] = names[0]
+
+    def end_trace(self, trace: QuicLoggerTrace) -> None:
+        label = self._labels.pop(id(trace), None)
+        with contextlib.suppress(ValueError):
+            self._traces.remove(trace)
+        if label is None:
+            return
+        data = trace.to_dict()
+        odcid = data.get("common_fields", {}).get("ODCID", "conn")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        path = self._dir / f"{safe}-{odcid}.qlog"
+        try:
+            path.write_text(json.dumps({"qlog_format": "JSON", "qlog_version": "0.3", "traces": [data]}))
+        except OSError as exc:
+            log.warning("cannot write qlog trace %s: %s", path, exc)
+
+
+class _LinkProtocol(QuicConnectionProtocol):
+    """One QUIC connection: controller installed, peer verified, streams turned into channels."""
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        stream_handler: Any = None,
+        *,
+        config: QuicConfig,
+        identity: QuicIdentity | None,
+        expected_party: str | None,
+        on_channel: Callable[[QuicByteChannel], None] | None,
+        on_closed: Callable[[_LinkProtocol], None] | None,
+        qlog: _QlogSink | None,
+    ) -> None:
+        super().__init__(quic)
+        self._config = config
+        controller = create_controller(config.congestion_control, max_datagram_size=config.max_datagram_size)
+        self.cc: AioquicController = install(quic, controller, bucket_s=config.pacer_bucket_s)
+        self._identity = identity
+        self._expected = expected_party
+        self._on_channel = on_channel
+        self._on_closed = on_closed
+        self._qlog = qlog
+        self._is_client = bool(quic.configuration.is_client)
+        self._verified: asyncio.Future[None] = self._loop.create_future()
+        self._peer_ok = False
+        self.peer_party: str | None = None
+        self.peer_addr = "?"
+        self.failure: PeerUnavailableError | None = None
+        self._channels: dict[int, QuicByteChannel] = {}
+        self._unaccepted: list[QuicByteChannel] = []
+        self._transmit_pending = False
+        self._writers: list[asyncio.Future[None]] = []
+        self._keepalive: asyncio.TimerHandle | None = None
+        if identity is not None and not self._is_client:
+            self._request_client_certificate(quic)
+
+    @staticmethod
+    def _request_client_certificate(quic: QuicConnection) -> None:
+        # aioquic 1.7.2 asks for a client certificate only when this TLS flag is set; its TLS context
+        # is created on the first datagram, so the flag is set right after that.
+        original = quic._initialize
+
+        def initialize(peer_cid: bytes) -> None:
+            original(peer_cid)
+            quic.tls._request_client_certificate = True
+
+        quic._initialize = initialize
+
+    @property
+    def description(self) -> str:
+        who = f" party {self.peer_party}" if self.peer_party else ""
+        return f"quic {self.peer_addr}{who}"
+
+    # -- transmit batching ------------------------------------------------------------------------
+
+    def transmit(self) -> None:
+        """Schedule one transmit for this loop iteration (aioquic calls this after every input)."""
+        if not self._transmit_pending:
+            self._transmit_pending = True
+            self._loop.call_soon(self._transmit_now)
+
+    def _transmit_now(self) -> None:
+        self._transmit_pending = False
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        super().transmit()
+        quic = self._quic
+        if not self._verified.done():
+            self._check_ready()
+        cc = self.cc
+        if (
+            quic._pacing_at is None
+            and cc.bytes_in_flight + 2 * self._config.max_datagram_size <= cc.congestion_window
+        ):
+            cc.controller.on_app_limited(now=self._loop.time())
+        if self._writers:
+            writers, self._writers = self._writers, []
+            for fut in writers:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_addr = f"{peer[0]}:{peer[1]}"
+        self._arm_keepalive()
+
+    def connect(self, addr: Any, transmit: bool = True) -> None:
+        self.peer_addr = f"{addr[0]}:{addr[1]}"
+        super().connect(addr, transmit=transmit)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.peer_addr == "?":
+            self.peer_addr = f"{addr[0]}:{addr[1]}"
+        super().datagram_received(data, addr)
+
+    def _arm_keepalive(self) -> None:
+        self._keepalive = self._loop.call_later(self._config.keepalive_s, self._keepalive_fire)
+
+    def _keepalive_fire(self) -> None:
+        if self.failure is not None:
+            return
+        self._quic.send_ping(0)
+        self.transmit()
+        self._arm_keepalive()
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            self._on_stream_data(event)
+        elif isinstance(event, events.HandshakeCompleted):
+            self._on_handshake()
+        elif isinstance(event, events.StreamReset):
+            channel = self._channels.get(event.stream_id)
+            if channel is not None:
+                channel._fail(PeerUnavailableError(f"{self.description}: peer reset stream {event.stream_id}"))
+        elif isinstance(event, events.ConnectionTerminated):
+            self._on_terminated(event)
+
+    def _on_handshake(self) -> None:
+        if self._identity is not None:
+            tls = self._quic.tls
+            try:
+                self.peer_party = verify_peer(
+                    tls._peer_certificate,
+                    list(tls._peer_certificate_chain),
+                    ca_file=self._identity.ca_file,
+                    expected_party=self._expected,
+                    peer=f"quic {self.peer_addr}",
+                )
+            except PeerUnavailableError as exc:
+                log.warning("%s", exc)
+                self.failure = exc
+                self._quic.close(error_code=K_IDENTITY_REJECTED, reason_phrase=str(exc)[:200])
+                self.transmit()
+                if not self._verified.done():
+                    self._verified.set_exception(exc)
+                return
+        if self._qlog is not None:
+            self._qlog.label(self._quic._quic_logger, self._trace_names())
+        self._peer_ok = True
+        self._check_ready()
+        pending, self._unaccepted = self._unaccepted, []
+        for channel in pending:
+            self._accept(channel)
+
+    def _check_ready(self) -> None:
+        # A client is ready once it verified the server AND the server confirmed the handshake
+        # (HANDSHAKE_DONE), i.e. the server accepted our certificate; a rejection arrives instead as
+        # CONNECTION_CLOSE and fails connect() with the server's reason.
+        if self._verified.done() or not self._peer_ok:
+            return
+        if not self._is_client or self._quic._handshake_confirmed:
+            self._verified.set_result(None)
+
+    def _trace_names(self) -> list[str]:
+        host = self.peer_addr.rpartition(":")[0]
+        names = [self.peer_party] if self.peer_party else []
+        return [*names, self.peer_addr, host]
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        sid = event.stream_id
+        channel = self._channels.get(sid)
+        if channel is None:
+            if self._is_local(sid) or self.failure is not None:
+                return  # a stream of ours that we already forgot, or a rejected peer
+            channel = QuicByteChannel(self, sid)
+            self._channels[sid] = channel
+            if self._verified.done() and self.failure is None:
+                self._accept(channel)
+            else:
+                self._unaccepted.append(channel)
+        channel._feed(event.data, event.end_stream)
+
+    def _accept(self, channel: QuicByteChannel) -> None:
+        if self._on_channel is None:
+            channel._fail(PeerUnavailableError(f"{self.description}: peer-opened streams are not accepted"))
+            return
+        self._on_channel(channel)
+
+    def _on_terminated(self, event: events.ConnectionTerminated) -> None:
+        if self.failure is None:
+            reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+            self.failure = PeerUnavailableError(f"{self.description}: connection closed: {reason}")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if not self._verified.done():
+            self._verified.set_exception(self.failure)
+            self._verified.exception()  # mark retrieved: nobody may be waiting
+        for channel in list(self._channels.values()):
+            channel._fail(self.failure)
+        for fut in self._writers:
+            if not fut.done():
+                fut.set_result(None)
+        self._writers.clear()
+        if self._on_closed is not None:
+            self._on_closed(self)
+        if self._is_client and self._transport is not None:
+            self._transport.close()
+
+    # -- used by channels and the carrier ---------------------------------------------------------
+
+    def _is_local(self, stream_id: int) -> bool:
+        return (stream_id & 1) == (0 if self._is_client else 1)
+
+    async def wait_verified(self) -> None:
+        await asyncio.shield(self._verified)
+
+    def open_channel(self) -> QuicByteChannel:
+        if self.failure is not None:
+            raise PeerUnavailableError(str(self.failure))
+        sid = self._quic.get_next_available_stream_id()
+        # aioquic only reserves the id once the stream exists: create it now (no frame is sent for
+        # an empty write), or the next open_channel() would get the same id.
+        self._quic.send_stream_data(sid, b"")
+        channel = QuicByteChannel(self, sid)
+        self._channels[sid] = channel
+        return channel
+
+    def buffered(self, stream_id: int) -> int:
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    async def wait_writable(self, stream_id: int) -> None:
+        while True:
+            if self.failure is not None:
+                raise PeerUnavailableError(str(self.failure))
+            if self.buffered(stream_id) < self._config.send_buffer_bytes:
+                return
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._writers.append(fut)
+            await fut
+
+    def send_stream(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=end)
+        self.transmit()
+
+    def forget(self, stream_id: int) -> None:
+        self._channels.pop(stream_id, None)
+
+    def close_now(self, reason: str = "closing") -> None:
+        """Close the connection and send CONNECTION_CLOSE at once (the transport may close next)."""
+        if self.failure is None:
+            self.failure = PeerUnavailableError(f"{self.description}: closed locally: {reason}")
+        self._quic.close(error_code=K_CLOSED_BY_US, reason_phrase=reason)
+        self._transmit_pending = False
+        if self._transport is not None and not self._transport.is_closing():
+            QuicConnectionProtocol.transmit(self)
+
+    def statistics(self) -> CongestionStatistics:
+        return self.cc.controller.statistics()
+
+
+class QuicByteChannel:
+    """One bidirectional QUIC stream as a :class:`fedgate.proxy.carrier.ByteChannel`."""
+
+    def __init__(self, protocol: _LinkProtocol, stream_id: int) -> None:
+        self._protocol = protocol
+        self._sid = stream_id
+        self._rx: deque[bytes] = deque()
+        self._rx_eof = False
+        self._rx_waiter: asyncio.Future[None] | None = None
+        self._error: PeerUnavailableError | None = None
+        self._closed = False
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def peer_party(self) -> str | None:
+        return self._protocol.peer_party
+
+    @property
+    def description(self) -> str:
+        return f"{self._protocol.description} stream {self._sid}"
+
+    def statistics(self) -> CongestionStatistics:
+        """The connection's congestion-controller snapshot."""
+        return self._protocol.statistics()
+
+    async def send(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            raise LocalError(f"{self.description}: send after aclose")
+        view = memoryview(data).cast("B")
+        async with self._send_lock:
+            for offset in range(0, len(view), K_CHUNK):
+                await self._protocol.wait_writable(self._sid)
+                self._protocol.send_stream(self._sid, bytes(view[offset : offset + K_CHUNK]))
+
+    async def receive(self) -> bytes:
+        while True:
+            if self._rx:
+                if len(self._rx) == 1:
+                    return self._rx.popleft()
+                data = b"".join(self._rx)
+                self._rx.clear()
+                return data
+            if self._rx_eof:
+                return b""
+            if self._error is not None:
+                raise PeerUnavailableError(str(self._error))
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._rx_waiter = fut
+            try:
+                await fut
+            finally:
+                self._rx_waiter = None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._protocol.failure is None:
+            with contextlib.suppress(Exception):
+                self._protocol.send_stream(self._sid, b"", end=True)
+        if self._rx_eof or self._protocol.failure is not None:
+            self._protocol.forget(self._sid)
+
+    def _feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self._rx.append(data)
+        if end:
+            self._rx_eof = True
+            if self._closed:
+                self._protocol.forget(self._sid)
+        self._wake()
+
+    def _fail(self, error: PeerUnavailableError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        fut = self._rx_waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+class QuicCarrierServer:
+    """A listening QUIC endpoint; ``aclose`` closes every connection and handler."""
+
+    def __init__(self, server: QuicServer, protocols: set[_LinkProtocol], tasks: set[asyncio.Task[None]]) -> None:
+        self._server = server
+        self._protocols = protocols
+        self._tasks = tasks
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        transport = cast(asyncio.DatagramTransport, self._server._transport)
+        return int(transport.get_extra_info("sockname")[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._protocols)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for protocol in list(self._protocols):
+            protocol.close_now("server shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._server.close()
+
+
+class QuicCarrier:
+    """The ``quic`` carrier (see the module rules)."""
+
+    def __init__(self, config: QuicConfig | None = None, *, identity: QuicIdentity | None = None) -> None:
+        self.config = config if config is not None else QuicConfig()
+        self._identity = identity
+        self._clients: dict[tuple[str, int, str | None, bool], _LinkProtocol] = {}
+        self._locks: dict[tuple[str, int, str | None, bool], asyncio.Lock] = {}
+        qlog_dir = self.config.qlog_dir
+        self._qlog = _QlogSink(pathlib.Path(qlog_dir), self.config.qlog_peers) if qlog_dir else None
+        if qlog_dir and not pathlib.Path(qlog_dir).is_dir():
+            raise ConfigError(f"{qlog_dir} is not a directory", path="quic.qlog_dir")
+
+    @property
+    def name(self) -> str:
+        return "quic"
+
+    def _identity_for(self, tls: ssl.SSLContext | None) -> QuicIdentity | None:
+        if tls is None:
+            return None
+        if self._identity is None:
+            raise ConfigError("mutual TLS was requested but the QUIC carrier has no identity", path="tls")
+        return self._identity
+
+    def _configuration(self, *, is_client: bool, identity: QuicIdentity | None, server_name: str | None) -> QuicConfiguration:
+        c = self.config
+        cfg = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[K_ALPN],
+            idle_timeout=c.idle_timeout_s,
+            max_datagram_size=c.max_datagram_size,
+            max_data=c.max_data_bytes,
+            max_stream_data=c.max_stream_data_bytes,
+            initial_rtt=c.initial_rtt_s,
+            server_name=server_name,
+            verify_mode=ssl.CERT_NONE,  # verified by verify_peer() after the handshake
+        )
+        if identity is not None:
+            try:
+                cfg.load_cert_chain(identity.cert_file, identity.key_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot load {identity.cert_file} / {identity.key_file}: {exc}", path="tls") from exc
+        elif not is_client:
+            cfg.certificate, cfg.private_key = self_signed()
+        return cfg
+
+    async def connect(
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+    ) -> QuicByteChannel:
+        identity = self._identity_for(tls)
+        key = (host, port, server_hostname, identity is not None)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            protocol = self._clients.get(key)
+            if protocol is None or protocol.failure is not None:
+                protocol = await self._open(host, port, identity, server_hostname, timeout)
+                self._clients[key] = protocol
+        return protocol.open_channel()
+
+    async def _open(
+        self, host: str, port: int, identity: QuicIdentity | None, party: str | None, timeout: float
+    ) -> _LinkProtocol:
+        loop = asyncio.get_running_loop()
+        where = f"quic {host}:{port}"
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise PeerUnavailableError(f"{where}: cannot resolve: {exc}") from exc
+        family, addr = infos[0][0], infos[0][4]
+        cfg = self._configuration(is_client=True, identity=identity, server_name=party or host)
+        names = [n for n in (party, f"{host}:{port}", host) if n]
+        if self._qlog is not None and self._qlog.wanted(names):
+            cfg.quic_logger = self._qlog
+        connection = QuicConnection(configuration=cfg)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            _grow_socket_buffers(sock)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        except OSError as exc:
+            sock.close()
+            raise PeerUnavailableError(f"{where}: cannot open a UDP socket: {exc}") from exc
+        factory = partial(
+            _LinkProtocol,
+            connection,
+            config=self.config,
+            identity=identity,
+            expected_party=party,
+            on_channel=None,
+            on_closed=None,
+            qlog=self._qlog,
+        )
+        transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+        link = cast(_LinkProtocol, protocol)
+        if self._qlog is not None and cfg.quic_logger is not None:
+            self._qlog.label(connection._quic_logger, names)
+        link.connect(addr)
+        try:
+            await asyncio.wait_for(link.wait_verified(), timeout)
+        except TimeoutError as exc:
+            link.close_now("handshake timeout")
+            transport.close()
+            raise PeerUnavailableError(f"{where}: no QUIC handshake within {timeout:g} s") from exc
+        except PeerUnavailableError:
+            transport.close()
+            raise
+        return link
+
+    async def listen(
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, handler: ChannelHandler
+    ) -> QuicCarrierServer:
+        identity = self._identity_for(tls)
+        cfg = self._configuration(is_client=False, identity=identity, server_name=None)
+        if self._qlog is not None:
+            cfg.quic_logger = self._qlog
+        protocols: set[_LinkProtocol] = set()
+        tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        async def run(channel: QuicByteChannel) -> None:
+            try:
+                await handler(channel)
+            except PeerUnavailableError as exc:
+                log.info("%s: %s", channel.description, exc)
+            except Exception:
+                log.exception("%s: channel handler failed", channel.description)
+            finally:
+                await channel.aclose()
+
+        def on_channel(channel: QuicByteChannel) -> None:
+            task = loop.create_task(run(channel))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def create_protocol(connection: QuicConnection, stream_handler: Any = None) -> _LinkProtocol:
+            protocol = _LinkProtocol(
+                connection,
+                config=self.config,
+                identity=identity,
+                expected_party=None,
+                on_channel=on_channel,
+                on_closed=protocols.discard,
+                qlog=self._qlog,
+            )
+            protocols.add(protocol)
+            return protocol
+
+        try:
+            server = await serve(host, port, configuration=cfg, create_protocol=create_protocol)
+        except OSError as exc:
+            raise PeerUnavailableError(f"quic {host}:{port}: cannot listen: {exc}") from exc
+        transport = cast(asyncio.DatagramTransport, server._transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _grow_socket_buffers(cast(socket.socket, sock))
+        return QuicCarrierServer(server, protocols, tasks)
+
+    async def aclose(self) -> None:
+        """Close every client connection."""
+        for protocol in list(self._clients.values()):
+            if protocol.failure is None:
+                protocol.close_now("carrier closing")
+            if protocol._transport is not None:
+                protocol._transport.close()
+        self._clients.clear()

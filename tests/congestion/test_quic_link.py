@@ -1,0 +1,279 @@
+"""The ``quic`` carrier on 127.0.0.1: intact ordered bytes, streams, mutual TLS, failures, qlog."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import pathlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from fedgate.congestion.config import QuicConfig
+from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity
+from fedgate.errors import ConfigError, PeerUnavailableError
+from fedgate.proxy.carrier import ByteChannel, Carrier
+from tests.congestion.certs import CertAuthority
+
+pytestmark = pytest.mark.timeout(60)
+
+LOCAL = "127.0.0.1"
+
+
+def run(coro: Awaitable[None]) -> None:
+    async def wrapper() -> None:
+        await asyncio.wait_for(coro, 45)
+
+    asyncio.run(wrapper())
+
+
+def _ctx() -> ssl.SSLContext:
+    # Only its presence matters: it selects mutual TLS with the carrier's identity.
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+async def _collect(channel: ByteChannel) -> bytes:
+    out = bytearray()
+    while True:
+        data = await channel.receive()
+        if not data:
+            return bytes(out)
+        out.extend(data)
+
+
+def test_is_a_carrier() -> None:
+    carrier: Carrier = QuicCarrier()
+    assert carrier.name == "quic"
+
+
+def test_bytes_arrive_intact_and_in_order() -> None:
+    rng = random.Random(4)
+    blob = rng.randbytes(6 * 1024 * 1024)
+
+    async def scenario() -> None:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def handler(channel: ByteChannel) -> None:
+            assert channel.peer_party is None
+            data = await _collect(channel)
+            await channel.send(hashlib.sha256(data).digest())
+            got.set_result(data)
+
+        server_carrier, client_carrier = QuicCarrier(), QuicCarrier()
+        server = await server_carrier.listen(LOCAL, 0, tls=None, handler=handler)
+        try:
+            channel = await client_carrier.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+            assert channel.description.startswith("quic 127.0.0.1:")
+            offset = 0
+            while offset < len(blob):
+                size = rng.choice([1, 17, 1400, 65536, 300_000])
+                await channel.send(memoryview(blob)[offset : offset + size])
+                offset += size
+            await channel.aclose()
+            digest = await channel.receive()
+            assert digest == hashlib.sha256(blob).digest()
+            assert await channel.receive() == b""
+            received = await got
+            assert received == blob
+            stats = channel.statistics()
+            assert stats.name == "ltbbr"
+            assert stats.delivered_bytes >= len(blob)
+        finally:
+            await client_carrier.aclose()
+            await server.aclose()
+
+    run(scenario())
+
+
+def test_channels_to_one_peer_share_one_connection() -> None:
+    async def scenario() -> None:
+        async def echo(channel: ByteChannel) -> None:
+            data = await _collect(channel)
+            await channel.send(data[::-1])
+
+        server_carrier, client_carrier = QuicCarrier(), QuicCarrier(QuicConfig(congestion_control="newreno"))
+        server = await server_carrier.listen(LOCAL, 0, tls=None, handler=echo)
+        try:
+            channels = [
+                await client_carrier.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+                for _ in range(3)
+            ]
+            for i, channel in enumerate(channels):
+                await channel.send(f"stream-{i}".encode() * 1000)
+            for channel in channels:
+                await channel.aclose()
+            replies = [await _collect(channel) for channel in channels]
+            for i, reply in enumerate(replies):
+                assert reply == (f"stream-{i}".encode() * 1000)[::-1]
+            assert server.connections == 1
+            assert channels[0].statistics().name == "newreno"
+        finally:
+            await client_carrier.aclose()
+            await server.aclose()
+
+    run(scenario())
+
+
+def _mtls_pair(
+    tmp_path: pathlib.Path,
+    server_id: QuicIdentity,
+    client_id: QuicIdentity,
+    scenario: Callable[[QuicCarrier, int, list[ByteChannel]], Awaitable[None]],
+) -> None:
+    async def main() -> None:
+        accepted: list[ByteChannel] = []
+
+        async def handler(channel: ByteChannel) -> None:
+            accepted.append(channel)
+            data = await _collect(channel)
+            await channel.send(data)
+
+        server_carrier = QuicCarrier(identity=server_id)
+        client_carrier = QuicCarrier(identity=client_id)
+        server = await server_carrier.listen(LOCAL, 0, tls=_ctx(), handler=handler)
+        try:
+            await scenario(client_carrier, server.port, accepted)
+        finally:
+            await client_carrier.aclose()
+            await server.aclose()
+
+    run(main())
+
+
+def test_mutual_tls_exposes_both_parties(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+
+    async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
+        channel = await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+        assert channel.peer_party == "9999"
+        await channel.send(b"hello")
+        await channel.aclose()
+        assert await _collect(channel) == b"hello"
+        assert [c.peer_party for c in accepted] == ["10000"]
+
+    _mtls_pair(tmp_path, ca.issue("9999"), ca.issue("10000"), scenario)
+
+
+def test_party_id_in_a_san_is_accepted(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+
+    async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
+        channel = await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+        assert channel.peer_party == "9999"
+        await channel.aclose()
+
+    _mtls_pair(tmp_path, ca.issue("9999", cn="gw-a.example", sans=("9999",)), ca.issue("10000"), scenario)
+
+
+def test_wrong_party_is_refused(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+
+    async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
+        with pytest.raises(PeerUnavailableError, match=r"party '9999', expected '8888'"):
+            await client.connect(LOCAL, port, tls=_ctx(), server_hostname="8888", timeout=5)
+        assert accepted == []
+
+    _mtls_pair(tmp_path, ca.issue("9999"), ca.issue("10000"), scenario)
+
+
+def test_client_from_another_ca_is_refused(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+    rogue = CertAuthority(tmp_path, name="rogue CA")
+    rogue_client = rogue.issue("10000")
+    # the rogue client trusts the real CA, so it accepts the server; the server must refuse it
+    client_id = QuicIdentity(ca.ca_file, rogue_client.cert_file, rogue_client.key_file)
+
+    async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
+        with pytest.raises(PeerUnavailableError, match="certificate rejected"):
+            await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+        await asyncio.sleep(0.05)
+        assert accepted == []
+
+    _mtls_pair(tmp_path, ca.issue("9999"), client_id, scenario)
+
+
+def test_insecure_client_is_refused_by_mutual_server(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+
+    async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
+        with pytest.raises(PeerUnavailableError, match="no certificate"):
+            await QuicCarrier().connect(LOCAL, port, tls=None, server_hostname=None, timeout=5)
+
+    _mtls_pair(tmp_path, ca.issue("9999"), ca.issue("10000"), scenario)
+
+
+def test_mutual_tls_needs_an_identity() -> None:
+    async def scenario() -> None:
+        with pytest.raises(ConfigError, match="no identity"):
+            await QuicCarrier().connect(LOCAL, 9, tls=_ctx(), server_hostname="1", timeout=1)
+
+    run(scenario())
+
+
+def test_unreachable_peer_fails_within_timeout() -> None:
+    async def scenario() -> None:
+        carrier = QuicCarrier()
+        with pytest.raises(PeerUnavailableError, match="no QUIC handshake within 0.5 s"):
+            await carrier.connect(LOCAL, 9, tls=None, server_hostname=None, timeout=0.5)
+        await carrier.aclose()
+
+    run(scenario())
+
+
+def test_server_close_fails_channels_with_reason() -> None:
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def handler(channel: ByteChannel) -> None:
+            started.set()
+            await asyncio.sleep(30)
+
+        server = await QuicCarrier().listen(LOCAL, 0, tls=None, handler=handler)
+        client = QuicCarrier()
+        channel = await client.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+        await channel.send(b"x")
+        await started.wait()
+        await server.aclose()
+        with pytest.raises(PeerUnavailableError, match="server shutting down"):
+            await channel.receive()
+        with pytest.raises(PeerUnavailableError):
+            await channel.send(b"more")
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_qlog_trace_written_per_peer(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        async def handler(channel: ByteChannel) -> None:
+            await _collect(channel)
+
+        traced = QuicConfig(qlog_dir=str(tmp_path), qlog_peers=("127.0.0.1",))
+        server = await QuicCarrier().listen(LOCAL, 0, tls=None, handler=handler)
+        client = QuicCarrier(traced)
+        channel = await client.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+        await channel.send(b"traced" * 1000)
+        await channel.aclose()
+        await asyncio.sleep(0.1)
+        await client.aclose()
+        untraced = QuicCarrier(QuicConfig(qlog_dir=str(tmp_path), qlog_peers=("10.9.9.9",)))
+        other = await untraced.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+        await other.aclose()
+        await untraced.aclose()
+        await server.aclose()
+        await asyncio.sleep(0.1)
+
+    run(scenario())
+    files = list(tmp_path.glob("*.qlog"))
+    assert len(files) == 1, files
+    doc = json.loads(files[0].read_text())
+    events = doc["traces"][0]["events"]
+    assert any(e.get("name") == "recovery:metrics_updated" or "metrics_updated" in str(e) for e in events)
+
+
+def test_qlog_dir_must_exist(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="not a directory"):
+        QuicCarrier(QuicConfig(qlog_dir=str(tmp_path / "missing")))
