@@ -18,8 +18,8 @@ from fedgate.audit.pickle_scan import decode_bincode_modulus
 from tests.audit.conftest import bincode, forged_pk_pickle, gadget_pickle
 
 
-def walk(data: bytes, *, step: int = 0, limits: PickleLimits = PickleLimits()) -> list[Event]:
-    walker = PickleWalker(limits=limits)
+def walk(data: bytes, *, step: int = 0, limits: PickleLimits | None = None) -> list[Event]:
+    walker = PickleWalker(limits=limits or PickleLimits())
     if step <= 0:
         walker.feed(data)
     else:

@@ -1,0 +1,234 @@
+"""The ledger: hash chain, SQLite store, asyncio writer, signed checkpoints, verify/export/reconcile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sqlite3
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedgate.audit import AuditConfig, HashChain, LedgerStore, LedgerWriter, verify_chain
+from fedgate.audit.cli import main, reconcile
+from fedgate.audit.keys import load_public_key, load_signing_key
+from fedgate.audit.ledger_core import record_for, sign_checkpoint
+from fedgate.errors import ConfigError, StoreFullError
+from fedgate.proxy.envelope import Envelope
+
+
+def envelope(i: int, *, session: str = "s1", src: str = "9999", dst: str = "10000") -> Envelope:
+    return Envelope(
+        message_id=f"m{i}",
+        session_id=session,
+        topic=f"{session}-t{i}",
+        src_party=src,
+        dst_party=dst,
+        payload=f"payload {i}".encode(),
+    )
+
+
+def fill(path: pathlib.Path, key: Ed25519PrivateKey, n: int, *, every: int = 4, direction: str = "out") -> None:
+    """Write n entries with a checkpoint every ``every`` entries, through the pure core and the store."""
+    store = LedgerStore(path)
+    seq, head = store.head()
+    chain = HashChain(seq=seq, head=head)
+    for i in range(seq + 1, seq + n + 1):
+        entry = chain.append(record_for(envelope(i), direction, "accept", "", now=1000.0 + i))
+        cp = sign_checkpoint(key, chain.seq, chain.head, now=1000.0 + i) if i % every == 0 else None
+        store.append([entry], cp)
+    store.close()
+
+
+def verify(path: pathlib.Path, key: Ed25519PrivateKey) -> tuple[bool, int | None, str]:
+    store = LedgerStore(path, readonly=True)
+    try:
+        report = verify_chain(store.entries(), store.checkpoints(), key.public_key())
+    finally:
+        store.close()
+    return report.ok, report.first_bad_seq, report.reason
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def ledger(tmp_path: pathlib.Path, key: Ed25519PrivateKey) -> pathlib.Path:
+    path = tmp_path / "ledger.db"
+    fill(path, key, 12)
+    return path
+
+
+def sql(path: pathlib.Path, statement: str, *args: object) -> None:
+    db = sqlite3.connect(path)
+    db.execute(statement, args)
+    db.commit()
+    db.close()
+
+
+def test_intact_ledger_verifies(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    assert verify(ledger, key) == (True, None, "ok")
+
+
+def test_an_edit_is_found_at_its_entry(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    sql(ledger, "UPDATE entries SET verdict = 'reject' WHERE seq = 7")
+    ok, bad, reason = verify(ledger, key)
+    assert (ok, bad) == (False, 7) and "edited" in reason
+
+
+def test_a_deletion_is_found(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    sql(ledger, "DELETE FROM entries WHERE seq = 5")
+    ok, bad, reason = verify(ledger, key)
+    assert (ok, bad) == (False, 5) and "missing" in reason
+
+
+def test_a_reordering_is_found(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    # swap the contents of entries 3 and 4 (seq numbers stay where they were)
+    sql(ledger, "UPDATE entries SET seq = -3 WHERE seq = 3")
+    sql(ledger, "UPDATE entries SET seq = 3 WHERE seq = 4")
+    sql(ledger, "UPDATE entries SET seq = 4 WHERE seq = -3")
+    ok, bad, _ = verify(ledger, key)
+    assert (ok, bad) == (False, 3)
+
+
+def test_cutting_off_the_tail_is_found_by_the_checkpoint(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    sql(ledger, "DELETE FROM entries WHERE seq > 9")
+    ok, bad, reason = verify(ledger, key)
+    assert (ok, bad) == (False, 10) and "deleted" in reason
+
+
+def test_a_rewritten_chain_fails_its_signed_checkpoints(tmp_path: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    path = tmp_path / "l.db"
+    fill(path, key, 8)
+    # an attacker with the database (not the key) edits entry 2 and recomputes every hash after it
+    store = LedgerStore(path)
+    entries = list(store.entries())
+    store.close()
+    sql(path, "DELETE FROM entries")
+    store = LedgerStore(path)
+    chain = HashChain()
+    forged = []
+    for e in entries:
+        record = replace(e.record, verdict="reject", rule="pickle.global") if e.seq == 2 else e.record
+        forged.append(chain.append(record))
+    store.append(forged)
+    store.close()
+    ok, bad, reason = verify(path, key)
+    assert (ok, bad) == (False, 4) and "checkpoint" in reason
+
+
+def test_a_forged_checkpoint_signature_is_found(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
+    other = Ed25519PrivateKey.generate()
+    store = LedgerStore(ledger)
+    head = next(store.entries(first=12))
+    store.append([], sign_checkpoint(other, 12, head.hash, now=1.0))
+    store.close()
+    ok, bad, reason = verify(ledger, key)
+    assert (ok, bad) == (False, 12) and "signature" in reason
+
+
+def test_writer_batches_checkpoints_and_resumes(tmp_path: pathlib.Path) -> None:
+    config = AuditConfig(
+        ledger_path=tmp_path / "var" / "ledger.db",
+        signing_key=tmp_path / "var" / "key.pem",
+        checkpoint_every=10,
+        ledger_batch=7,
+    )
+
+    async def session(first: int, n: int) -> int:
+        writer = LedgerWriter.from_config(config)
+        task = asyncio.create_task(writer.run())
+        for i in range(first, first + n):
+            writer.record(envelope(i), "out", "accept", "", now=float(i))
+        await writer.flush()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await writer.aclose()
+        return writer.written
+
+    assert asyncio.run(session(1, 25)) == 25
+    assert asyncio.run(session(26, 5)) == 5  # a restarted gateway continues the same chain
+    assert (config.signing_key.stat().st_mode & 0o777) == 0o600
+    key = load_signing_key(config.signing_key)
+    ok, bad, _ = verify(config.ledger_path, key)
+    assert ok and bad is None
+    store = LedgerStore(config.ledger_path, readonly=True)
+    cps = [cp.seq for cp in store.checkpoints()]
+    assert [e.seq for e in store.entries()] == list(range(1, 31))
+    store.close()
+    # a checkpoint with the batch that reaches 10 unsigned entries, and one at each close
+    assert 25 in cps and cps[-1] == 30
+    assert all(b - a <= 10 + 7 - 1 for a, b in zip([0, *cps], cps, strict=False))
+
+
+def test_writer_queue_full_is_store_full(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), Ed25519PrivateKey.generate(), queue_size=2)
+        writer.record(envelope(1), "out", "accept", "", now=0.0)
+        writer.record(envelope(2), "out", "accept", "", now=0.0)
+        with pytest.raises(StoreFullError):
+            writer.record(envelope(3), "out", "accept", "", now=0.0)
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    assert [e.record.message_id for e in store.entries()] == ["m1", "m2"]
+    store.close()
+
+
+def test_cli_verify_and_export(
+    ledger: pathlib.Path, key: Ed25519PrivateKey, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    assert main(["verify", "--ledger", str(ledger), "--key", str(pub)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    sql(ledger, "UPDATE entries SET size = 1 WHERE seq = 6")
+    assert main(["verify", "--ledger", str(ledger), "--key", str(pub)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["first_bad_seq"] == 6
+    out = tmp_path / "x.jsonl"
+    assert main(["export", "--ledger", str(ledger), "--from", "3", "--to", "5", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == [3, 4, 5]
+    assert set(rows[0]) >= {"direction", "src_party", "dst_party", "session_id", "topic", "message_id", "sha256"}
+    assert main(["verify", "--ledger", str(tmp_path / "nope.db"), "--key", str(pub)]) == 2
+    assert main(["bogus"]) == 2
+
+
+def test_reconcile_lists_what_the_peer_never_recorded(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ours, theirs = tmp_path / "a.db", tmp_path / "b.db"
+    a, b = LedgerStore(ours), LedgerStore(theirs)
+    ca, cb = HashChain(), HashChain()
+    for i in range(1, 7):
+        a.append([ca.append(record_for(envelope(i), "out", "accept", "", now=float(i)))])
+        if i != 4:  # message 4 never arrived
+            env = envelope(i) if i != 5 else replace(envelope(i), payload=b"altered")  # 5 arrived altered
+            b.append([cb.append(record_for(env, "in", "accept", "", now=float(i)))])
+    b.append([cb.append(record_for(envelope(50, src="10000", dst="9999"), "out", "accept", "", now=9.0))])
+    a.close()
+    b.close()
+    assert main(["reconcile", "--ours", str(ours), "--theirs", str(theirs), "--session", "s1"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    got = {(r["kind"], r["sent_by"], r["message_id"]) for r in rows}
+    assert got == {("missing", "ours", "m4"), ("altered", "ours", "m5"), ("missing", "theirs", "m50")}
+    assert reconcile([], []) == []
+
+
+def test_key_files(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError):
+        load_signing_key(tmp_path / "missing.pem")
+    (tmp_path / "bad.pem").write_text("nope")
+    with pytest.raises(ConfigError):
+        load_public_key(tmp_path / "bad.pem")
+    key = load_signing_key(tmp_path / "k.pem", create=True)
+    assert load_public_key(tmp_path / "k.pem").public_bytes_raw() == key.public_key().public_bytes_raw()
