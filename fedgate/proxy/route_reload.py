@@ -139,6 +139,7 @@ class RouteReloader:
         try:
             table, signature, data = read_route_table(self._path)
         except RouteTableError as exc:
+            self._signature, self._racy = self._stat(), False  # the poller need not report it again
             self._failed(exc)
             return False
         self._install(table, signature, data)
@@ -146,10 +147,7 @@ class RouteReloader:
 
     def poll(self) -> bool | None:
         """Check the file once: None if unchanged, else the result of the reload."""
-        try:
-            signature: Signature | None = _signature(os.stat(self._path))
-        except OSError:
-            signature = None
+        signature = self._stat()
         if signature == self._signature and not self._racy:
             return None
         if signature is None:
@@ -211,6 +209,12 @@ class RouteReloader:
                 "fields": {"path": str(self._path), "line": exc.line, "key": exc.path, "error": exc.message}
             },
         )
+
+    def _stat(self) -> Signature | None:
+        try:
+            return _signature(os.stat(self._path))
+        except OSError:
+            return None
 
     def _is_racy(self, signature: Signature) -> bool:
         return time.time() - signature[3] / 1e9 < K_RACY_S

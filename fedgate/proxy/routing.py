@@ -383,15 +383,15 @@ class _Parser:
 
         protocol = get("protocol", str, "grpc")
         if protocol not in _PROTOCOLS:
-            raise _KeyPathError(f"{protocol!r} is not one of {list(_PROTOCOLS)}", (*path, "protocol"))
+            raise _KeyPathError(f"{protocol[:40]!r} is not one of {list(_PROTOCOLS)}", (*path, "protocol"))
         transport = get("transport", str, "grpc")
         if transport not in _TRANSPORTS:
-            raise _KeyPathError(f"{transport!r} is not one of {list(_TRANSPORTS)}", (*path, "transport"))
+            raise _KeyPathError(f"{transport[:40]!r} is not one of {list(_TRANSPORTS)}", (*path, "transport"))
         if protocol == "http" and transport != "grpc":
             raise _KeyPathError(
                 "protocol 'http' is the OSX HTTP hop; it needs transport 'grpc'", (*path, "transport")
             )
-        url = get("url", str, None)
+        url = get("url", str, None) or None
         host, port = self.host_port(ep, url, path)
         secure = [get(k, bool, None) for k in ("is_secure", "useSSL")]
         if None not in secure and secure[0] != secure[1]:
@@ -407,7 +407,7 @@ class _Parser:
             self.warn(path, "TLS files are given but useSSL/is_secure is not true: the hop is plaintext")
         if use_tls and transport == "rdma":
             self.warn(path, "RDMA has no TLS: use_tls applies only to the connection set-up")
-        weight = ep.get("weight", 1)
+        weight = 1 if ep.get("weight") is None else ep["weight"]
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= K_MAX_WEIGHT:
             raise _KeyPathError(
                 f"expected an integer 0..{K_MAX_WEIGHT}, got {_kind(weight)}", (*path, "weight")

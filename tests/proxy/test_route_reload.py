@@ -180,6 +180,8 @@ def test_forced_reload(routes: pathlib.Path, registry: CollectorRegistry) -> Non
     write(routes, "not json")
     assert reloader.reload() is False
     assert parties(reloader) == {"10000"}
+    assert reloader.poll() is None  # the poller does not report the same bad file again
+    assert sample(registry, "fedgate_route_table_reloads_total", {"result": "error"}) == 1
 
 
 def test_health_survives_reload_and_is_exported(routes: pathlib.Path, registry: CollectorRegistry) -> None:
