@@ -1,0 +1,119 @@
+"""A Python client for the HE offload service (asyncio, grpc.aio).
+
+    async with HeClient("127.0.0.1:9390") as he:
+        pk = await he.generate_key(2048)
+        cts = await he.encrypt(pk, to_limbs(values, pk.plain_width))
+        sums = await he.add(pk, cts, cts)
+        plain = await he.decrypt(pk, sums)          # the gateway holds the secret key
+
+Rules: server errors become :class:`~fedgate.errors.FedgateError` subclasses by gRPC status
+(INVALID_ARGUMENT -> InvalidRequestError, NOT_FOUND -> UnknownKeyError, UNAVAILABLE ->
+PeerUnavailableError, anything else -> LocalError), raised ``from`` the grpc error.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+import msgpack
+
+from fedgate.compute.config import ComputeConfig
+from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
+from fedgate.compute.limbs import LimbBuffer
+from fedgate.compute.paillier import PublicKey
+from fedgate.compute.service import K_SERVICE, server_options
+from fedgate.errors import FedgateError, InvalidRequestError, LocalError, PeerUnavailableError, StoreFullError
+
+__all__ = ["HeClient"]
+
+K_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: UnknownKeyError,
+    grpc.StatusCode.FAILED_PRECONDITION: NoSecretKeyError,
+    grpc.StatusCode.UNAVAILABLE: PeerUnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFullError,
+}
+
+
+class HeClient:
+    """Client of ``fedgate.compute.HeOffload``."""
+
+    def __init__(self, target: str, *, config: ComputeConfig | None = None, timeout_s: float = 600.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=server_options(config or ComputeConfig()))
+        self._timeout = timeout_s
+
+    async def __aenter__(self) -> HeClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One raw call (msgpack map in, map out)."""
+        rpc = self._channel.unary_unary(f"/{K_SERVICE}/{method}")
+        try:
+            raw = await rpc(msgpack.packb(request, use_bin_type=True), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            cls = K_ERRORS.get(exc.code(), LocalError)
+            raise cls(f"{method}: {exc.details()}") from exc
+        reply = msgpack.unpackb(raw, raw=False)
+        if not isinstance(reply, dict):
+            raise LocalError(f"{method}: malformed reply")
+        return reply
+
+    async def generate_key(self, bits: int | None = None) -> PublicKey:
+        """A key pair generated in the gateway; the secret stays there."""
+        reply = await self.call("GenerateKey", {} if bits is None else {"bits": bits})
+        return PublicKey(int.from_bytes(reply["n"], "little"))
+
+    async def register_public_key(self, pk: PublicKey) -> str:
+        """Register someone's public key for encryption and evaluation."""
+        reply = await self.call("RegisterPublicKey", {"n": pk.n.to_bytes(pk.plain_width * 4, "little")})
+        return str(reply["key_id"])
+
+    async def register_fate_public_key(self, state: bytes) -> PublicKey:
+        """Register a fate_utils ``PK.__getstate__()``."""
+        key_id = (await self.call("RegisterPublicKey", {"fate_pk": bytes(state)}))["key_id"]
+        reply = await self.call("PublicKey", {"key_id": key_id})
+        return PublicKey(int.from_bytes(reply["n"], "little"))
+
+    async def import_fate_secret_key(self, state: bytes) -> str:
+        """Move a fate_utils ``SK.__getstate__()`` into the gateway (it never comes back out)."""
+        return str((await self.call("ImportSecretKey", {"fate_sk": bytes(state)}))["key_id"])
+
+    async def encrypt(self, pk: PublicKey, plaintexts: LimbBuffer, *, obfuscate: bool = True) -> LimbBuffer:
+        """Batch encryption."""
+        req = {"key_id": pk.key_id, "plaintexts": plaintexts.data, "obfuscate": obfuscate}
+        return LimbBuffer((await self.call("Encrypt", req))["ciphertexts"], pk.cipher_width)
+
+    async def decrypt(self, pk: PublicKey, ciphertexts: LimbBuffer) -> LimbBuffer:
+        """Batch decryption by the gateway (it must hold the secret key)."""
+        req = {"key_id": pk.key_id, "ciphertexts": ciphertexts.data}
+        return LimbBuffer((await self.call("Decrypt", req))["plaintexts"], pk.plain_width)
+
+    async def add(self, pk: PublicKey, a: LimbBuffer, b: LimbBuffer) -> LimbBuffer:
+        """Element-wise homomorphic addition."""
+        req = {"key_id": pk.key_id, "a": a.data, "b": b.data}
+        return LimbBuffer((await self.call("Add", req))["ciphertexts"], pk.cipher_width)
+
+    async def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
+        """Element-wise multiplication by plaintext residues."""
+        req = {"key_id": pk.key_id, "ciphertexts": ciphertexts.data, "scalars": scalars.data}
+        return LimbBuffer((await self.call("MulScalar", req))["ciphertexts"], pk.cipher_width)
+
+    async def drop_key(self, pk: PublicKey) -> bool:
+        """Forget a key in the gateway."""
+        return bool((await self.call("DropKey", {"key_id": pk.key_id}))["dropped"])
+
+    async def stats(self) -> dict[str, Any]:
+        """Backend counters."""
+        return await self.call("Stats", {})

@@ -1,0 +1,119 @@
+"""The offload service over loopback gRPC with the Python client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from fedgate.compute import fate
+from fedgate.compute.client import HeClient
+from fedgate.compute.config import ComputeConfig
+from fedgate.compute.cpu import CpuBackend
+from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
+from fedgate.compute.limbs import from_limbs, to_limbs
+from fedgate.compute.paillier import decrypt_raw, generate_keypair
+from fedgate.compute.service import serve_compute
+from fedgate.errors import InvalidRequestError, StoreFullError
+
+CONFIG = ComputeConfig(backend="cpu", workers=1, key_bits=1024, pool_size=16, max_keys=3, max_batch=1000)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def _secret_forms(*values: int) -> list[bytes]:
+    forms = []
+    for v in values:
+        size = (v.bit_length() + 7) // 8
+        forms += [str(v).encode(), format(v, "x").encode(), v.to_bytes(size, "little"), v.to_bytes(size, "big")]
+    return forms
+
+
+def test_roundtrip_and_evaluation_over_grpc(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario() -> None:
+        server = await serve_compute(CONFIG, listen="127.0.0.1:0", backend=CpuBackend(CONFIG))
+        try:
+            async with HeClient(f"127.0.0.1:{server.port}", config=CONFIG) as he:
+                pk = await he.generate_key(1024)
+                ms = [0, 1, 5, pk.n - 1]
+                cts = await he.encrypt(pk, to_limbs(ms, pk.plain_width))
+                assert len(set(from_limbs(cts))) == 4
+                doubled = await he.add(pk, cts, cts)
+                tripled = await he.mul_scalar(pk, cts, to_limbs([3] * 4, pk.plain_width))
+                assert from_limbs(await he.decrypt(pk, doubled)) == [2 * m % pk.n for m in ms]
+                assert from_limbs(await he.decrypt(pk, tripled)) == [3 * m % pk.n for m in ms]
+                plain = await he.encrypt(pk, to_limbs([7], pk.plain_width), obfuscate=False)
+                assert from_limbs(plain) == [1 + 7 * pk.n]
+                stats = await he.stats()
+                assert stats["backend"] == "cpu" and stats["keys"] == 1 and stats["decrypted"] == 8
+                # the secret key never leaves: scan every reply the service can give for its factors
+                entry = server.service.keys.entry(pk.key_id)
+                assert entry.secret is not None
+                replies = [await he.call("PublicKey", {"key_id": pk.key_id}), stats]
+                blob = repr(replies).encode() + repr(await he.call("Stats", {})).encode()
+                text = "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+                for form in _secret_forms(entry.secret.p, entry.secret.q):
+                    assert form not in blob and form.decode("latin-1") not in text
+                assert pk.key_id in text  # logs name keys by id
+                assert await he.drop_key(pk)
+                with pytest.raises(UnknownKeyError):
+                    await he.encrypt(pk, to_limbs([1], pk.plain_width))
+        finally:
+            await server.stop(0)
+
+    _run(scenario())
+
+
+def test_public_only_keys_and_fate_keys() -> None:
+    async def scenario() -> None:
+        server = await serve_compute(CONFIG, listen="127.0.0.1:0", backend=CpuBackend(CONFIG))
+        try:
+            async with HeClient(f"127.0.0.1:{server.port}", config=CONFIG) as he:
+                pk, sk = generate_keypair(1024)
+                key_id = await he.register_public_key(pk)
+                assert key_id == pk.key_id
+                cts = await he.encrypt(pk, to_limbs([11, 12], pk.plain_width))
+                assert [int(decrypt_raw(sk, c)) for c in from_limbs(cts)] == [11, 12]
+                with pytest.raises(NoSecretKeyError):
+                    await he.decrypt(pk, cts)  # the gateway does not hold this secret
+                fpk = await he.register_fate_public_key(fate.dump_public_key(pk))
+                assert fpk == pk
+                assert await he.import_fate_secret_key(fate.dump_secret_key(sk)) == pk.key_id
+                assert from_limbs(await he.decrypt(pk, cts)) == [11, 12]
+        finally:
+            await server.stop(0)
+
+    _run(scenario())
+
+
+def test_bad_requests_fail_with_status() -> None:
+    async def scenario() -> None:
+        server = await serve_compute(CONFIG, listen="127.0.0.1:0", backend=CpuBackend(CONFIG))
+        try:
+            async with HeClient(f"127.0.0.1:{server.port}", config=CONFIG) as he:
+                pk = await he.generate_key(1024)
+                with pytest.raises(InvalidRequestError, match="limb"):
+                    await he.call("Encrypt", {"key_id": pk.key_id, "plaintexts": b"\x01\x02\x03"})
+                with pytest.raises(InvalidRequestError, match="key_id"):
+                    await he.call("Encrypt", {"plaintexts": b""})
+                with pytest.raises(InvalidRequestError, match="max_batch"):
+                    await he.encrypt(pk, to_limbs([1] * 1001, pk.plain_width))
+                with pytest.raises(InvalidRequestError):
+                    await he.call("GenerateKey", {"bits": 512})
+                rpc = he._channel.unary_unary("/fedgate.compute.HeOffload/Stats")
+                with pytest.raises(Exception, match="malformed"):
+                    await rpc(b"\xc1")
+                await he.generate_key(1024)
+                await he.generate_key(1024)
+                with pytest.raises(StoreFullError):
+                    await he.generate_key(1024)
+        finally:
+            await server.stop(0)
+
+    _run(scenario())
