@@ -114,7 +114,7 @@ def self_signed(name: str = "fedgate-insecure") -> tuple[x509.Certificate, ec.El
     """A throw-away certificate for insecure mode (nothing verifies it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -87,8 +87,8 @@ class _QlogSink(QuicLogger):
     def wanted(self, names: list[str]) -> bool:
         return not self._peers or bool(self._peers.intersection(names))
 
-    def label(self, trace: QuicLoggerTrace, names: list[str]) -> None:
-        if self.wanted(names):
+    def label(self, trace: QuicLoggerTrace | None, names: list[str]) -> None:
+        if trace is not None and self.wanted(names):
             self._labels[id(trace)] = names[0]
 
     def end_trace(self, trace: QuicLoggerTrace) -> None:
@@ -155,7 +155,7 @@ class _LinkProtocol(QuicConnectionProtocol):
             original(peer_cid)
             quic.tls._request_client_certificate = True
 
-        quic._initialize = initialize
+        setattr(quic, "_initialize", initialize)  # noqa: B010 (instance-level hook, see above)
 
     @property
     def description(self) -> str:
@@ -506,7 +506,9 @@ class QuicCarrier:
             raise ConfigError("mutual TLS was requested but the QUIC carrier has no identity", path="tls")
         return self._identity
 
-    def _configuration(self, *, is_client: bool, identity: QuicIdentity | None, server_name: str | None) -> QuicConfiguration:
+    def _configuration(
+        self, *, is_client: bool, identity: QuicIdentity | None, server_name: str | None
+    ) -> QuicConfiguration:
         c = self.config
         cfg = QuicConfiguration(
             is_client=is_client,
@@ -574,7 +576,7 @@ class QuicCarrier:
             qlog=self._qlog,
         )
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
-        link = cast(_LinkProtocol, protocol)
+        link = protocol
         if self._qlog is not None and cfg.quic_logger is not None:
             self._qlog.label(connection._quic_logger, names)
         link.connect(addr)

@@ -29,7 +29,7 @@ class CertAuthority:
     def __init__(self, directory: pathlib.Path, name: str = "fedgate test CA") -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -60,7 +60,7 @@ class CertAuthority:
 
     def issue(self, party: str, *, cn: str | None = None, sans: tuple[str, ...] = ()) -> QuicIdentity:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn if cn is not None else party))

@@ -17,6 +17,7 @@ from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity
 from fedgate.errors import ConfigError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel, Carrier
 from tests.congestion.certs import CertAuthority
+from tests.congestion.relay import UdpRelay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -216,7 +217,7 @@ def test_mutual_tls_needs_an_identity() -> None:
 def test_unreachable_peer_fails_within_timeout() -> None:
     async def scenario() -> None:
         carrier = QuicCarrier()
-        with pytest.raises(PeerUnavailableError, match="no QUIC handshake within 0.5 s"):
+        with pytest.raises(PeerUnavailableError, match=r"no QUIC handshake within 0\.5 s"):
             await carrier.connect(LOCAL, 9, tls=None, server_hostname=None, timeout=0.5)
         await carrier.aclose()
 
@@ -277,3 +278,67 @@ def test_qlog_trace_written_per_peer(tmp_path: pathlib.Path) -> None:
 def test_qlog_dir_must_exist(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match="not a directory"):
         QuicCarrier(QuicConfig(qlog_dir=str(tmp_path / "missing")))
+
+
+def test_path_outage_shorter_than_idle_timeout_is_survived() -> None:
+    blob = random.Random(9).randbytes(2 * 1024 * 1024)
+
+    async def scenario() -> None:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def handler(channel: ByteChannel) -> None:
+            got.set_result(await _collect(channel))
+
+        config = QuicConfig(idle_timeout_s=6.0, keepalive_s=0.5)
+        server = await QuicCarrier(config).listen(LOCAL, 0, tls=None, handler=handler)
+        relay = await UdpRelay.start((LOCAL, server.port))
+        client = QuicCarrier(config)
+        try:
+            channel = await client.connect(LOCAL, relay.port, tls=None, server_hostname=None, timeout=5)
+            await channel.send(blob[: len(blob) // 2])
+            relay.blocked = True
+            sender = asyncio.create_task(channel.send(blob[len(blob) // 2 :]))
+            await asyncio.sleep(2.0)  # two seconds of total path loss
+            relay.blocked = False
+            await sender
+            await channel.aclose()
+            assert await asyncio.wait_for(got, 20) == blob
+        finally:
+            await client.aclose()
+            await server.aclose()
+            relay.close()
+
+    run(scenario())
+
+
+def test_path_outage_longer_than_idle_timeout_fails_cleanly() -> None:
+    async def scenario() -> None:
+        async def handler(channel: ByteChannel) -> None:
+            await _collect(channel)
+
+        config = QuicConfig(idle_timeout_s=1.5, keepalive_s=0.3)
+        server = await QuicCarrier(config).listen(LOCAL, 0, tls=None, handler=handler)
+        relay = await UdpRelay.start((LOCAL, server.port))
+        client = QuicCarrier(config)
+        try:
+            channel = await client.connect(LOCAL, relay.port, tls=None, server_hostname=None, timeout=5)
+            await channel.send(b"before the outage")
+            relay.blocked = True
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(PeerUnavailableError, match=r"[Ii]dle timeout"):
+                await asyncio.wait_for(channel.receive(), 10)
+            assert loop.time() - start < 1.5 * 2 + 1
+            with pytest.raises(PeerUnavailableError):
+                await channel.send(b"after")
+            # a new connect makes a fresh connection once the path is back
+            relay.blocked = False
+            again = await client.connect(LOCAL, relay.port, tls=None, server_hostname=None, timeout=5)
+            await again.send(b"back")
+            await again.aclose()
+        finally:
+            await client.aclose()
+            await server.aclose()
+            relay.close()
+
+    run(scenario())
