@@ -160,6 +160,7 @@ class LinkCore:
             self._on_hello(frame.header, events)
             self.state = LinkState.OPEN
             self._deadline = 0.0
+            self._next_ping = now  # a first RTT sample right away
             return
         if frame.type == HELLO:
             raise LinkProtocolViolation("HELLO received twice")

@@ -110,6 +110,11 @@ class LinkSenderCore(LinkCore):
         return len(self._to_send)
 
     @property
+    def unsent_bytes(self) -> int:
+        """Payload bytes offered and not sent yet."""
+        return sum(len(m.payload) - m.next_off for m in self._to_send)
+
+    @property
     def blocked_on_credit(self) -> bool:
         return bool(self._to_send) and self._next_charge(self._to_send[0]) > self.credit
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -44,7 +44,7 @@ from fedgate.proxy.link_session import LinkConnection
 from fedgate.proxy.store_api import Outbox, OutboxItem
 
 __all__ = [
-    "Dial", "LinkSender", "LinkSenderStatistics", "OutboxDepth", "RejectedHook", "carrier_dial",
+    "Dial", "LinkSender", "LinkSenderStatistics", "OutboxDepth", "RejectedHook", "backoff_delays", "carrier_dial",
 ]
 
 log = logging.getLogger("fedgate.link")
@@ -55,6 +55,17 @@ RejectedHook = Callable[[OutboxItem, Rejection], Awaitable[None]]
 
 K_BATCH = 256  # messages read from the outbox per query
 K_IDLE_POLL = 1.0  # seconds; wait_pending timeout, so a stop request is seen promptly
+K_LARGE = 64 * 1024  # bytes; messages this large on average are read K_LARGE_BATCH at a time
+K_LARGE_BATCH = 2  # messages per outbox query when they are large
+K_DEPTH_REFRESH = 1.0  # seconds between outbox depth queries while busy
+
+
+def backoff_delays(initial: float, maximum: float, *, rng: random.Random) -> Iterator[float]:
+    """Reconnect delays (rule 2): the n-th is uniform in [d/2, d] with d = min(initial * 2**n, maximum)."""
+    delay = initial
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(delay * 2, maximum)
 
 
 @runtime_checkable
@@ -144,7 +155,7 @@ class LinkSender:
     async def run(self) -> None:
         """Connect, send, reconnect; returns only after :meth:`aclose`."""
         self._run_task = asyncio.current_task()
-        delay = self._backoff[0]
+        delays = backoff_delays(*self._backoff, rng=self._rng)
         attempts = 0
         while not self._stopping:
             if attempts:
@@ -157,11 +168,10 @@ class LinkSender:
             if self._stopping:
                 break
             if opened:
-                delay = self._backoff[0]
+                delays = backoff_delays(*self._backoff, rng=self._rng)
             self._state = "backoff"
             await self._refresh_depth()
-            await asyncio.sleep(self._rng.uniform(delay / 2, delay))
-            delay = min(delay * 2, self._backoff[1])
+            await asyncio.sleep(next(delays))
         self._state = "stopped"
 
     async def aclose(self, *, drain_timeout: float = 5.0) -> None:
@@ -215,7 +225,7 @@ class LinkSender:
             conn.finish(event)
         self._conn = conn
         try:
-            why = await conn.run(self._feed(conn, core), self._ack_loop())
+            why = await conn.run(self._feed(conn, core), self._ack_loop(conn))
         finally:
             self._conn = None
             self._sync_sent(core)
@@ -272,11 +282,18 @@ class LinkSender:
             if m:
                 m.connected.labels(self.peer).set(1)
 
-    async def _ack_loop(self) -> None:
-        while True:
-            await self._ack_ready.wait()
+    async def _ack_loop(self, conn: LinkConnection[LinkSenderCore]) -> None:
+        loop = asyncio.get_running_loop()
+        refreshed = loop.time()
+        while conn.terminated is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(K_DEPTH_REFRESH):
+                    await self._ack_ready.wait()
             self._ack_ready.clear()
             await self._flush_acks()
+            if loop.time() - refreshed >= K_DEPTH_REFRESH:
+                refreshed = loop.time()
+                await self._refresh_depth()
 
     async def _flush_acks(self) -> None:
         if self._acks:
@@ -286,15 +303,17 @@ class LinkSender:
     async def _feed(self, conn: LinkConnection[LinkSenderCore], core: LinkSenderCore) -> None:
         """Offer outbox items to the core in seq order while there is room (rule 4)."""
         after_seq = 0
+        limit = K_BATCH
         self._items.clear()
-        while not self._stopping:
-            if core.unsent >= self._lookahead or core.unacked >= self._max_unacked:
+        while not self._stopping and conn.terminated is None:
+            if (core.unsent >= self._lookahead or core.unacked >= self._max_unacked
+                    or core.unsent_bytes >= self.params.window_bytes):
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(K_IDLE_POLL):
                         await self._room.wait()
                 continue
-            items = await self._outbox.pending(self.peer, after_seq=after_seq, limit=K_BATCH)
+            items = await self._outbox.pending(self.peer, after_seq=after_seq, limit=limit)
             if not items:
                 await self._refresh_depth()
                 await self._outbox.wait_pending(self.peer, after_seq=after_seq, timeout=K_IDLE_POLL)
@@ -303,6 +322,9 @@ class LinkSender:
                 core.offer(item.envelope, resume_offset=self._resume.get(item.envelope.message_id, 0))
                 self._items[item.envelope.message_id] = item
                 after_seq = item.seq
+            # Large messages are read a few at a time, so memory stays near the credit window.
+            average = sum(item.envelope.size for item in items) // len(items)
+            limit = K_BATCH if average < K_LARGE else K_LARGE_BATCH
             conn.kick()
             await asyncio.sleep(0)
 

@@ -65,7 +65,13 @@ class LinkConnection(Generic[CoreT]):
             return
         task = self._group.create_task(self._guard(coro))
         self._tasks.append(task)
-        task.add_done_callback(self._forget)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(finished)
+            coro.close()  # a task cancelled before it ran leaves ``coro`` unstarted ("never awaited")
+
+        task.add_done_callback(done)
 
     async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -75,10 +81,6 @@ class LinkConnection(Generic[CoreT]):
             error = exc if isinstance(exc, FedgateError) else LocalError(f"link task failed: {exc!r}")
             event = self.core.abort(error)
             self.finish(event or ConnectionTerminated("internal_error", repr(exc), by_peer=False, error=error))
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        with contextlib.suppress(ValueError):
-            self._tasks.remove(task)
 
     def finish(self, event: ConnectionTerminated) -> None:
         """End the connection (first reason wins); the writer flushes and closes the channel."""
@@ -125,6 +127,7 @@ class LinkConnection(Generic[CoreT]):
             while events:
                 await self._dispatch(events)
                 events = self.core.next_events(now=self.now())
+            self.kick()  # frames without events (CREDIT, RESUME, PROGRESS) change what can be sent
 
     async def _timer(self) -> None:
         while self.terminated is None:

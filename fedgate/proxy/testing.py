@@ -42,18 +42,23 @@ class MemoryOutbox:
         return self._seq
 
     async def pending(self, peer: str, *, after_seq: int, limit: int) -> list[OutboxItem]:
-        items = self._items.get(peer, {})
-        return [items[s] for s in sorted(s for s in items if s > after_seq)[:limit]]
+        out: list[OutboxItem] = []
+        for seq, item in self._items.get(peer, {}).items():  # insertion order is seq order
+            if seq > after_seq:
+                out.append(item)
+                if len(out) == limit:
+                    break
+        return out
 
     async def wait_pending(self, peer: str, *, after_seq: int, timeout: float) -> bool:
         def ready() -> bool:
             return any(s > after_seq for s in self._items.get(peer, {}))
 
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
-            except TimeoutError:
-                return False
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(ready)
+        except TimeoutError:
+            return False
         return True
 
     async def ack(self, peer: str, message_ids: list[str]) -> None:
