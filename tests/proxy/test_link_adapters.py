@@ -80,7 +80,8 @@ def test_peer_down_then_up_backs_off_reports_health_and_delivers() -> None:
             stats = r.sender.statistics()
             assert not stats.connected and "refused" in stats.last_error
             assert stats.outbox_depth == 1 and stats.oldest_age_s is not None
-            assert r.registry.get_sample_value("fedgate_link_reconnects_total", {"peer": RECEIVER}) >= 3
+            reconnects = r.registry.get_sample_value("fedgate_link_reconnects_total", {"peer": RECEIVER})
+            assert reconnects is not None and reconnects >= 3
             r.carrier.refuse = False
             await wait_for(lambda: r.outbox.acked == ["m00001"])
             await wait_for(lambda: r.sender.statistics().rtt is not None)
