@@ -33,7 +33,7 @@ from fedgate.proxy import protos as _protos  # noqa: F401 - generated stubs are 
 from fedgate.proxy.dispatch import Dispatcher, Inspector
 from fedgate.proxy.front_osx import OsxProtocolServicer, OsxTransportServicer
 from fedgate.proxy.front_rollsite import DataTransferServicer, RouteServicer
-from fedgate.proxy.osx_client import OsxForwarder, channel_options
+from fedgate.proxy.osx_client import OsxForwarder, server_options
 from fedgate.proxy.protos import osx_pb2_grpc, proxy_pb2_grpc
 from fedgate.proxy.route_reload import RouteReloader
 from fedgate.proxy.routing import Router
@@ -107,7 +107,7 @@ class Gateway:
             metrics=self.metrics, inspect=inspect,
         )
         rpc = RpcObserver(self.metrics)
-        server = grpc.aio.server(options=channel_options(config.front.max_message_bytes),
+        server = grpc.aio.server(options=server_options(config.front.max_message_bytes),
                                  maximum_concurrent_rpcs=None)
         osx_pb2_grpc.add_PrivateTransferTransportServicer_to_server(
             OsxTransportServicer(dispatcher=dispatcher, store=store, max_pop_wait_s=config.front.max_pop_wait_s,

@@ -196,11 +196,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _delegated(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(target, rest) when ``argv`` names a command implemented by a part; its flags are its own."""
+    if argv and argv[0] in K_DELEGATED:
+        return K_DELEGATED[argv[0]][0], argv[1:]
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in K_BENCH:
+        return K_BENCH[argv[1]][0], argv[2:]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    delegated = _delegated(arguments)
+    args = _parser().parse_args(arguments) if delegated is None else None
     try:
-        if getattr(args, "target", None):
-            return _load(args.target)(list(args.argv))
+        if delegated is not None:
+            return _load(delegated[0])(delegated[1])
+        assert args is not None
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except FedgateError as exc:

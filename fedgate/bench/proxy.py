@@ -113,22 +113,24 @@ def _wait_port(port: int, timeout: float = 30.0) -> None:
     raise SystemExit(f"bench proxy: gateway on port {port} did not start")
 
 
-async def _run_case(push_port: int, pop_port: int, *, path: str, size: int, count: int, concurrency: int) -> _Result:
+async def _run_case(
+    push_port: int, pop_port: int, *, target: str, path: str, size: int, count: int, concurrency: int
+) -> _Result:
     from fedgate.proxy.osx_client import OsxQueueClient
 
     session = f"bench-{path}-{size}-{time.monotonic_ns()}"
-    topic = f"{session}-guest-9999-host-10000-x"
+    topic = f"{session}-guest-9999-host-{target}-x"
     pusher = OsxQueueClient(f"127.0.0.1:{push_port}", party="9999")
-    popper = OsxQueueClient(f"127.0.0.1:{pop_port}", party="10000")
+    popper = OsxQueueClient(f"127.0.0.1:{pop_port}", party=target)
     body = os.urandom(max(0, size - 8))
     latencies: list[float] = []
     todo = list(range(count))
 
     async def push_loop() -> None:
         while todo:
-            todo.pop()
+            todo.pop()  # one message per iteration, shared by the pushers
             payload = struct.pack("<d", time.perf_counter()) + body
-            await pusher.push(session=session, topic=topic, target="10000", payload=payload)
+            await pusher.push(session=session, topic=topic, target=target, payload=payload)
 
     async def pop_loop(n: int) -> None:
         for _ in range(n):
@@ -159,9 +161,10 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="fedgate-bench-") as tmp, _gateways(pathlib.Path(tmp)) as (a, b):
         for label, size in K_SIZES.items():
             count = args.count_1k if size == 1024 else args.count_1m
-            for path, pop_port in (("one gateway", a), ("two gateways", b)):
+            for path, pop_port, target in (("one gateway", a, "9999"), ("two gateways", b, "10000")):
                 result = asyncio.run(
-                    _run_case(a, pop_port, path=path, size=size, count=count, concurrency=args.concurrency)
+                    _run_case(a, pop_port, target=target, path=path, size=size, count=count,
+                              concurrency=args.concurrency)
                 )
                 results.append(result)
                 print(

@@ -20,7 +20,15 @@ from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.protos import osx_pb2, osx_pb2_grpc
 from fedgate.proxy.routing import Endpoint
 
-__all__ = ["K_CODE_OK", "K_CODE_TIMEOUT", "OsxForwarder", "OsxQueueClient", "channel_options", "headers_for"]
+__all__ = [
+    "K_CODE_OK",
+    "K_CODE_TIMEOUT",
+    "OsxForwarder",
+    "OsxQueueClient",
+    "channel_options",
+    "headers_for",
+    "server_options",
+]
 
 K_CODE_OK = "E0000000000"
 K_CODE_INVALID = "E0000000400"
@@ -34,9 +42,20 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Server-side options: message sizes, and tolerate clients' keepalive pings during long pops."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
