@@ -1,0 +1,94 @@
+"""The real FATE 2.2.0 client through fedgate gateways (OSX queue mode), one gateway per party.
+
+Each party's FATE process talks only to its own gateway; gateways run as separate processes on
+127.0.0.1 and forward to each other. The receivers check every object they get against what the
+sender must have sent (tests/interop/drivers/fate_party.py), and a gateway restart between push
+and pop must lose nothing.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+
+import pytest
+
+from tests.interop.harness import DriverRun, Gateway, fate_party_argv, gateway_mesh, run_drivers
+
+pytestmark = pytest.mark.interop
+
+K_TRIAD = (("guest", "9999"), ("host", "10000"), ("arbiter", "10001"))
+K_PAIR = (("guest", "9999"), ("host", "10000"))
+K_ITERATIONS = 3
+K_DRIVER_TIMEOUT = 300.0  # seconds for all drivers of one step
+
+
+def _failures(runs: dict[str, DriverRun], gateways: dict[str, Gateway]) -> str:
+    bad = [r.describe() for r in runs.values() if not r.ok]
+    if not bad:
+        return ""
+    return "\n\n".join([*bad, *(gw.log_tail() for gw in gateways.values())])
+
+
+def test_guest_host_arbiter_through_three_gateways(pyfate_python: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    with gateway_mesh(tmp_path, [pid for _, pid in K_TRIAD], transport="grpc") as gws:
+        commands = {
+            role: fate_party_argv(
+                role=role,
+                party_id=pid,
+                parties=K_TRIAD,
+                port=gws[pid].front_port,
+                session="gw-triad",
+                data_dir=tmp_path / f"data-{role}",
+                iterations=K_ITERATIONS,
+            )
+            for role, pid in K_TRIAD
+        }
+        runs = run_drivers(pyfate_python, commands, workdir=tmp_path / "drivers", timeout=K_DRIVER_TIMEOUT)
+        assert not _failures(runs, gws), _failures(runs, gws)
+        assert runs["guest"].result["checks"] == 1 + 2 * K_ITERATIONS + 2
+        assert runs["host"].result["checks"] == 1 + 2 * K_ITERATIONS + 2
+        assert runs["arbiter"].result["checks"] == K_ITERATIONS + 2
+        for gw in gws.values():
+            assert gw.proc is not None and gw.proc.poll() is None, gw.log_tail()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_gateway_restart_between_push_and_pop_loses_nothing(
+    pyfate_python: pathlib.Path, tmp_path: pathlib.Path, sig: signal.Signals
+) -> None:
+    def argv(role: str, pid: str, phase: str, gws: dict[str, Gateway]) -> list[str]:
+        return fate_party_argv(
+            role=role,
+            party_id=pid,
+            parties=K_PAIR,
+            port=gws[pid].front_port,
+            session=f"gw-restart-{sig.name}",
+            data_dir=tmp_path / f"data-{role}",
+            scenario="oneway",
+            phase=phase,
+            iterations=K_ITERATIONS,
+            extra=["--no-destroy"],
+        )
+
+    with gateway_mesh(tmp_path, [pid for _, pid in K_PAIR], transport="grpc") as gws:
+        sent = run_drivers(
+            pyfate_python,
+            {"guest": argv("guest", "9999", "send", gws)},
+            workdir=tmp_path / "send",
+            timeout=K_DRIVER_TIMEOUT,
+        )
+        assert not _failures(sent, gws), _failures(sent, gws)
+        # Everything the guest's pushes were acknowledged for now sits in the host's gateway.
+        for gw in gws.values():
+            gw.kill(sig)
+        for gw in gws.values():
+            gw.start()
+        received = run_drivers(
+            pyfate_python,
+            {"host": argv("host", "10000", "recv", gws)},
+            workdir=tmp_path / "recv",
+            timeout=K_DRIVER_TIMEOUT,
+        )
+        assert not _failures(received, gws), _failures(received, gws)
+        assert received["host"].result["checks"] == 3 * K_ITERATIONS
