@@ -70,7 +70,7 @@ def test_parked_pops_are_answered_in_order_and_expire_with_601(tmp_path: pathlib
             assert sorted(int(r.payload) for r in answers) == list(range(300))
             expired = await stub.pop(osx_pb2.PopInbound(topic=TOPIC, timeout=100), metadata=pop_md)
             assert expired.code == K_CODE_TIMEOUT
-            await channel.close()
+            await channel.close(None)
 
     asyncio.run(main())
 
@@ -89,7 +89,7 @@ def test_source_header_of_the_osx_broker_is_accepted_and_release_drops_the_sessi
             assert peek.code == K_CODE_OK and peek.payload == b"x"
             await stub.release(osx_pb2.ReleaseInbound(topic=""), metadata=md)
             assert gw.store is not None and gw.store.statistics().queued_messages == 0
-            await channel.close()
+            await channel.close(None)
 
     asyncio.run(main())
 
@@ -118,7 +118,7 @@ def test_failed_push_fails_the_rpc_with_a_status_naming_the_cause(
                 await stub.push(osx_pb2.PushInbound(topic=TOPIC, payload=b"x"), metadata=md)
             assert info.value.code() == code
             assert text in (info.value.details() or "")
-            await channel.close()
+            await channel.close(None)
 
     asyncio.run(main())
 
@@ -136,7 +136,7 @@ def test_oversize_push_is_refused_with_resource_exhausted(tmp_path: pathlib.Path
                                 metadata=headers(target="9999"))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert gw.store is not None and gw.store.statistics().queued_messages == 0
-            await channel.close()
+            await channel.close(None)
 
     asyncio.run(main())
 

@@ -29,7 +29,7 @@ def packet(i: int, *, dst: str = "10000", via_header: bool = False) -> proxy_pb2
 class FateFlow(proxy_pb2_grpc.DataTransferServiceServicer):
     """Stands in for the FATE-Flow server behind the fateflow route: answers unaryCall, slowly when asked."""
 
-    async def unaryCall(  # type: ignore[override]
+    async def unaryCall(
         self, request: proxy_pb2.Packet, context: grpc.aio.ServicerContext[object, object]
     ) -> proxy_pb2.Packet:
         if request.body.key == "slow":
@@ -58,8 +58,8 @@ def test_push_stream_relayed_hop_by_hop_and_pulled_at_the_destination(tmp_path: 
             pulled = [p async for p in proxy_pb2_grpc.DataTransferServiceStub(b_channel).pull(packet(0).header)]
             assert [p.body.key for p in pulled] == [str(i) for i in range(10)]
             assert pulled[3].body.value == bytes([3]) * 100_000
-            await channel.close()
-            await b_channel.close()
+            await channel.close(None)
+            await b_channel.close(None)
 
     asyncio.run(main())
 
@@ -70,7 +70,7 @@ def test_unary_call_goes_to_fateflow_and_honours_the_deadline(tmp_path: pathlib.
 
     async def main() -> None:
         flow = grpc.aio.server()
-        proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(FateFlow(), flow)
+        proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(FateFlow(), flow)  # type: ignore[abstract]
         flow.add_insecure_port(f"127.0.0.1:{flow_port}")
         await flow.start()
         async with running(build(a)):
@@ -84,7 +84,7 @@ def test_unary_call_goes_to_fateflow_and_honours_the_deadline(tmp_path: pathlib.
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.unaryCall(request, timeout=0.5)
             assert info.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
-            await channel.close()
+            await channel.close(None)
         await flow.stop(None)
 
     asyncio.run(main())
@@ -102,6 +102,6 @@ def test_route_query_answers_from_the_table_and_names_missing_routes(tmp_path: p
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.query(proxy_pb2.Topic(partyId="4242", role="host"))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND and "4242" in (info.value.details() or "")
-            await channel.close()
+            await channel.close(None)
 
     asyncio.run(main())
