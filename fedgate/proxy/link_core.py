@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedgate.errors import FedgateError, LocalError, RemoteProtocolError
 from fedgate.proxy.link_events import ConnectionTerminated, LinkEvent, RttMeasured
@@ -37,6 +37,9 @@ from fedgate.proxy.link_frames import (
     get_list,
     get_str,
 )
+
+if TYPE_CHECKING:
+    from fedgate.config import LinkConfig
 
 __all__ = [
     "K_COALESCE", "K_FRAME_CHARGE", "K_VERSIONS", "LinkCore", "LinkParams", "LinkProtocolViolation", "LinkState",
@@ -82,6 +85,15 @@ class LinkParams:
     """Largest message payload accepted, in bytes."""
     capabilities: frozenset[str] = field(default_factory=lambda: frozenset({"resume", "credit"}))
     """Capability names advertised in HELLO (informational in version 1)."""
+
+    @classmethod
+    def from_config(cls, config: LinkConfig, *, local_party: str, max_message_bytes: int = 2**32) -> LinkParams:
+        """The link's slice of ``[link]`` (``connect_timeout_s`` bounds the HELLO exchange too)."""
+        return cls(
+            local_party=local_party, chunk_bytes=config.chunk_bytes, window_bytes=config.window_bytes,
+            keepalive_s=config.keepalive_s, handshake_timeout_s=config.connect_timeout_s,
+            max_message_bytes=max_message_bytes,
+        )
 
 
 class LinkCore:

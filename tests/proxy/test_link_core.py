@@ -297,3 +297,29 @@ def test_version_mismatch_is_reported() -> None:
     decoder.feed(b"".join(bytes(d) for d in core.data_to_send()))
     frames = [decoder.next_frame() for _ in range(2)]
     assert frames[1] is not None and frames[1].header["code"] == "version"  # HELLO, then CLOSE with why
+
+
+def test_params_from_config() -> None:
+    from fedgate.config import LinkConfig
+
+    params = LinkParams.from_config(LinkConfig(chunk_bytes=65536, keepalive_s=3.0), local_party="9999")
+    assert (params.local_party, params.chunk_bytes, params.keepalive_s) == ("9999", 65536, 3.0)
+    assert params.window_bytes == LinkConfig().window_bytes
+
+
+def test_pure_core_modules_import_no_io() -> None:
+    """STYLE §1: the sans-IO modules never import asyncio, socket, ssl, time or grpc."""
+    import ast
+    import pathlib
+
+    import fedgate.proxy
+
+    root = pathlib.Path(fedgate.proxy.__file__).parent
+    forbidden = {"asyncio", "socket", "ssl", "time", "grpc", "select", "threading"}
+    for name in ("link_frames", "link_events", "link_core", "link_send", "link_recv"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & forbidden, f"{name} imports {imported & forbidden}"
