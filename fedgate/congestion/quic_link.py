@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import pathlib
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -62,6 +64,10 @@ K_CHUNK = 256 * 1024  # bytes handed to aioquic per send_stream_data call
 K_SOCKET_BUFFER = 8 * 1024 * 1024  # bytes of kernel UDP buffer requested per socket
 K_IDENTITY_REJECTED = 0x10  # application error code: the peer's certificate was rejected
 K_CLOSED_BY_US = 0x0  # application error code of an orderly close
+K_CLOSE_WAIT = 2.0  # seconds aclose() waits for CONNECTION_CLOSE exchanges (qlog traces end there)
+K_UDP_SEGMENT = 103  # UDP_SEGMENT (linux/udp.h): one sendmsg carries several equal-size datagrams (GSO)
+K_GSO_MAX_SEGMENTS = 40  # datagrams per GSO send (the kernel allows 64 and 64 KiB in all)
+K_GSO_MAX_BYTES = 65000  # bytes per GSO send
 
 
 def _grow_socket_buffers(sock: socket.socket) -> None:
@@ -121,9 +127,11 @@ class _LinkProtocol(QuicConnectionProtocol):
         on_channel: Callable[[QuicByteChannel], None] | None,
         on_closed: Callable[[_LinkProtocol], None] | None,
         qlog: _QlogSink | None,
+        sock: socket.socket | None = None,
     ) -> None:
         super().__init__(quic)
         self._config = config
+        self._gso_sock = sock
         controller = create_controller(config.congestion_control, max_datagram_size=config.max_datagram_size)
         self.cc: AioquicController = install(quic, controller, bucket_s=config.pacer_bucket_s)
         self._identity = identity
@@ -137,6 +145,7 @@ class _LinkProtocol(QuicConnectionProtocol):
         self.peer_party: str | None = None
         self.peer_addr = "?"
         self.failure: PeerUnavailableError | None = None
+        self.terminated = False
         self._channels: dict[int, QuicByteChannel] = {}
         self._unaccepted: list[QuicByteChannel] = []
         self._transmit_pending = False
@@ -175,8 +184,18 @@ class _LinkProtocol(QuicConnectionProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        super().transmit()
         quic = self._quic
+        datagrams = quic.datagrams_to_send(now=self._loop.time())
+        if datagrams:
+            self._send_datagrams(transport, datagrams)
+        # re-arm the one timer (as aioquic's transmit does)
+        timer_at = quic.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self._loop.call_at(timer_at, self._handle_timer)
+        self._timer_at = timer_at
         if not self._verified.done():
             self._check_ready()
         cc = self.cc
@@ -190,6 +209,45 @@ class _LinkProtocol(QuicConnectionProtocol):
             for fut in writers:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _send_datagrams(self, transport: asyncio.DatagramTransport, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Send with UDP GSO where possible: runs of equal-size datagrams to one address, one syscall."""
+        sock = self._gso_sock
+        queued: Callable[[], int] = getattr(transport, "get_write_buffer_size", lambda: 0)
+        if sock is None or queued():
+            for data, addr in datagrams:
+                transport.sendto(data, addr)
+            return
+        n = len(datagrams)
+        i = 0
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            limit = min(K_GSO_MAX_SEGMENTS, K_GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j - i < limit and datagrams[j][1] == addr:
+                other = len(datagrams[j][0])
+                if other > size:
+                    break
+                j += 1
+                if other < size:
+                    break  # a shorter datagram may only end a GSO run
+            try:
+                if j - i == 1:
+                    sock.sendto(data, addr)
+                else:
+                    payload = b"".join(d for d, _ in datagrams[i:j])
+                    sock.sendmsg([payload], [(socket.SOL_UDP, K_UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
+            except BlockingIOError:
+                break  # the kernel buffer is full: the transport queues the rest and waits
+            except OSError as exc:
+                if j - i > 1 and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    log.info("%s: UDP GSO unavailable (%s); sending one datagram per call", self.description, exc)
+                    self._gso_sock = None
+                break
+            i = j
+        for data, addr in datagrams[i:]:
+            transport.sendto(data, addr)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -249,6 +307,7 @@ class _LinkProtocol(QuicConnectionProtocol):
                 self.transmit()
                 if not self._verified.done():
                     self._verified.set_exception(exc)
+                    self._verified.exception()  # mark retrieved: a server has nobody waiting
                 return
         if self._qlog is not None:
             self._qlog.label(self._quic._quic_logger, self._trace_names())
@@ -293,6 +352,7 @@ class _LinkProtocol(QuicConnectionProtocol):
         self._on_channel(channel)
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
+        self.terminated = True
         if self.failure is None:
             reason = event.reason_phrase or f"error 0x{event.error_code:x}"
             self.failure = PeerUnavailableError(f"{self.description}: connection closed: {reason}")
@@ -574,6 +634,7 @@ class QuicCarrier:
             on_channel=None,
             on_closed=None,
             qlog=self._qlog,
+            sock=sock,
         )
         transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
         link = protocol
@@ -626,25 +687,39 @@ class QuicCarrier:
                 on_channel=on_channel,
                 on_closed=protocols.discard,
                 qlog=self._qlog,
+                sock=sock,
             )
             protocols.add(protocol)
             return protocol
 
         try:
-            server = await serve(host, port, configuration=cfg, create_protocol=create_protocol)
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+            family, addr = infos[0][0], infos[0][4]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                _grow_socket_buffers(sock)
+                sock.bind(addr)
+            except OSError:
+                sock.close()
+                raise
         except OSError as exc:
             raise PeerUnavailableError(f"quic {host}:{port}: cannot listen: {exc}") from exc
-        transport = cast(asyncio.DatagramTransport, server._transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            _grow_socket_buffers(cast(socket.socket, sock))
+        _, server = await loop.create_datagram_endpoint(
+            lambda: QuicServer(configuration=cfg, create_protocol=create_protocol), sock=sock
+        )
         return QuicCarrierServer(server, protocols, tasks)
 
     async def aclose(self) -> None:
-        """Close every client connection."""
-        for protocol in list(self._clients.values()):
-            if protocol.failure is None:
+        """Close every client connection; waits up to K_CLOSE_WAIT for the closing handshakes."""
+        protocols = list(self._clients.values())
+        self._clients.clear()
+        for protocol in protocols:
+            if not protocol.terminated:
                 protocol.close_now("carrier closing")
+        waits = [protocol.wait_closed() for protocol in protocols if not protocol.terminated]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), K_CLOSE_WAIT)
+        for protocol in protocols:
             if protocol._transport is not None:
                 protocol._transport.close()
-        self._clients.clear()
