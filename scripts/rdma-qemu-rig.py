@@ -80,16 +80,19 @@ def _log(msg: str) -> None:
 def _dpkg_installed(pkg: str) -> bool:
     if shutil.which("dpkg-query") is None:
         return False
-    res = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
-    )
+    res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False)
     return res.returncode == 0 and "install ok installed" in res.stdout
 
 
 def _apt(args: list[str], *, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     return subprocess.run(
-        ["apt-get", "-q", *args], capture_output=True, text=True, check=False, cwd=cwd, env=env,
+        ["apt-get", "-q", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env=env,
         timeout=K_APT_TIMEOUT,
     )
 
@@ -123,14 +126,10 @@ def default_cache_dir(repo: pathlib.Path) -> pathlib.Path:
 
 
 def _kernel_package() -> str:
-    res = subprocess.run(
-        ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False
-    )
+    res = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False)
     if res.returncode != 0 or "Depends:" not in res.stdout:
         _apt(["update"])
-        res = subprocess.run(
-            ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False
-        )
+        res = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True, check=False)
     match = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*)", res.stdout)
     if not match:
         raise Skip("apt-cache knows no linux-image-amd64 (not a Debian archive?)")
@@ -245,17 +244,14 @@ def build_boot_files(cache: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
             visit(root, ())
         busybox = pathlib.Path("/bin/busybox").read_bytes()
         entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
-            (d, stat.S_IFDIR | 0o755, b"", (0, 0))
-            for d in ("bin", "dev", "proc", "sys", "mnt", "mnt/root", "modules")
+            (d, stat.S_IFDIR | 0o755, b"", (0, 0)) for d in ("bin", "dev", "proc", "sys", "mnt", "mnt/root", "modules")
         ]
         entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", (5, 1)))
         entries.append(("bin/busybox", stat.S_IFREG | 0o755, busybox, (0, 0)))
         entries.append(("init", stat.S_IFREG | 0o755, K_INIT.encode(), (0, 0)))
         for mod in order:
             entries.append((f"modules/{mod}.ko", stat.S_IFREG | 0o644, modules[mod], (0, 0)))
-        entries.append(
-            ("modules/order", stat.S_IFREG | 0o644, "".join(f"{m}.ko\n" for m in order).encode(), (0, 0))
-        )
+        entries.append(("modules/order", stat.S_IFREG | 0o644, "".join(f"{m}.ko\n" for m in order).encode(), (0, 0)))
         staging = pathlib.Path(tmp) / "boot"
         staging.mkdir()
         (staging / "vmlinuz").write_bytes(kernel_image)
@@ -334,7 +330,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command and not args.prepare_only:
-        command = ["sh", "-c", "ibv_devices && /usr/bin/python3 -c 'import pyverbs.device as d; print(d.get_device_list())'"]
+        command = [
+            "sh",
+            "-c",
+            "ibv_devices && /usr/bin/python3 -c 'import pyverbs.device as d; print(d.get_device_list())'",
+        ]
     try:
         ensure_packages()
         vmlinuz, initrd = build_boot_files(args.cache or default_cache_dir(repo))

@@ -87,9 +87,7 @@ class CreditWindow:
     def on_returned(self, count: int) -> None:
         """The peer reported ``count`` reposted slots."""
         if count < 0 or self._credits + count > self._send_window:
-            raise RemoteProtocolError(
-                f"peer returned {count} credits; we hold {self._credits} of {self._send_window}"
-            )
+            raise RemoteProtocolError(f"peer returned {count} credits; we hold {self._credits} of {self._send_window}")
         self._credits += count
 
     def on_reposted(self) -> None:

@@ -36,8 +36,8 @@ __all__ = [
     "PostRead",
     "PostRecv",
     "PostSend",
-    "ReleaseSource",
     "RdmaSession",
+    "ReleaseSource",
     "SessionState",
 ]
 

@@ -143,8 +143,6 @@ def test_pair_never_deadlocks(
     rng = random.Random(seed)
     msgs_a = [rng.randbytes(n) for n in sizes_a]
     msgs_b = [rng.randbytes(n) for n in sizes_b]
-    a, b = make_pair(
-        msgs_a, msgs_b, slots=slots, max_reads=max_reads, max_rendezvous=max_rendezvous, chunk_bytes=128
-    )
+    a, b = make_pair(msgs_a, msgs_b, slots=slots, max_reads=max_reads, max_rendezvous=max_rendezvous, chunk_bytes=128)
     run(a, b, rng)
     assert b.received == msgs_a and a.received == msgs_b
