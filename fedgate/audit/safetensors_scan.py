@@ -94,23 +94,22 @@ class _Acc:
         if self.dtype == "BF16":
             flat = (flat.astype(np.uint32) << 16).view(np.float32)
         width = self.cols if self.per_column else 1
-        arr = flat.reshape(-1, width)
-        self.rows += arr.shape[0]
-        if arr.dtype.kind == "f":
-            with np.errstate(invalid="ignore"):
-                nan = np.isnan(arr)
-                pinf = np.isposinf(arr)
-                ninf = np.isneginf(arr)
-                finite = ~(nan | pinf | ninf)
-                wide = arr.astype(np.float64)
-                lo = np.where(finite, wide, np.inf).min(axis=0)
-                hi = np.where(finite, wide, -np.inf).max(axis=0)
-            counts = (nan.sum(axis=0), pinf.sum(axis=0), ninf.sum(axis=0))
+        # one contiguous row per feature: reductions along a contiguous axis are ~30x faster in numpy
+        # than along axis 0 of a (rows, few features) array
+        cols = np.ascontiguousarray(flat.reshape(-1, width).T)
+        self.rows += cols.shape[1]
+        zeros = np.zeros(width, dtype=np.int64)
+        counts = (zeros, zeros, zeros)
+        if cols.dtype.kind == "f" and not np.isfinite(flat).all():
+            nan, pinf, ninf = np.isnan(cols), np.isposinf(cols), np.isneginf(cols)
+            finite = ~(nan | pinf | ninf)
+            lo = np.where(finite, cols, np.inf).min(axis=1).astype(np.float64)
+            hi = np.where(finite, cols, -np.inf).max(axis=1).astype(np.float64)
+            counts = (nan.sum(axis=1), pinf.sum(axis=1), ninf.sum(axis=1))
+        elif cols.shape[1]:
+            lo, hi = cols.min(axis=1).astype(np.float64), cols.max(axis=1).astype(np.float64)
         else:
-            wide = arr.astype(np.float64)
-            lo, hi = wide.min(axis=0), wide.max(axis=0)
-            zeros = np.zeros(width, dtype=np.int64)
-            counts = (zeros, zeros, zeros)
+            return
         if self.nan is None or self.posinf is None or self.neginf is None or self.lo is None or self.hi is None:
             self.nan, self.posinf, self.neginf = (c.astype(np.int64) for c in counts)
             self.lo, self.hi = lo, hi
