@@ -10,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedgate.audit import PayloadInspector, PickleLimits, PickleWalker
-from fedgate.audit.events import EncryptedTensorFound, GlobalImported, KeyFound, Malformed, ScanLimit, TensorFound
+from fedgate.audit.events import (
+    EncryptedTensorFound,
+    Event,
+    GlobalImported,
+    KeyFound,
+    Malformed,
+    ScanLimit,
+    TensorFound,
+)
 from fedgate.proxy.envelope import Envelope
 from tests.audit.conftest import fate_inline, forged_pk_pickle, gadget_pickle, osx_envelope
 from tests.audit.test_safetensors_scan import blob
@@ -35,7 +43,7 @@ def _seeds() -> list[bytes]:
 SEEDS = _seeds()
 
 
-def _walk(data: bytes, chunks: list[int] | None = None) -> list[object]:
+def _walk(data: bytes, chunks: list[int] | None = None) -> list[Event]:
     before = set(sys.modules)
     walker = PickleWalker(limits=K_SMALL_LIMITS)
     if chunks:
