@@ -112,7 +112,12 @@ class SqliteStore:
         self._pending: list[_Pending] = []
         self._flushing = False
         self._closed = False
-        self._waiters: dict[tuple[str, str], collections.deque[asyncio.Future[None]]] = {}
+        # Parked pops per queue; a waiter's future gets None (look in the table) or the Envelope itself.
+        self._waiters: dict[tuple[str, str], collections.deque[asyncio.Future[Envelope | None]]] = {}
+        # Messages stored or being stored per queue: a put hands its message straight to a parked pop
+        # only when this is 0, which keeps FIFO order.
+        self._depth: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.handoffs = 0
         self._outbox_events: dict[str, asyncio.Event] = {}
         self._bytes = 0
         self._queued = 0
@@ -149,6 +154,8 @@ class SqliteStore:
             for table in ("queue", "outbox")
         )
         self._queued = conn.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        for session, topic, count in conn.execute("SELECT session, topic, COUNT(*) FROM queue GROUP BY 1, 2"):
+            self._depth[(session, topic)] = count
         self._outboxed = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         self._conn = conn
         log.info("store opened", extra={"fields": {"path": str(path), "queued": self._queued,
@@ -257,8 +264,15 @@ class SqliteStore:
     # -- local queues -------------------------------------------------------------------------------
 
     async def put(self, envelope: Envelope) -> None:
-        """Append to the local queue (session, topic); durable when this returns."""
+        """Append to the local queue (session, topic); durable when this returns.
+
+        When a pop is parked on an empty queue the message is handed to it directly: the same
+        outcome as storing and popping it, without the two writes.
+        """
         self._admit(envelope.size)
+        key = (envelope.session_id, envelope.topic)
+        if self._handoff(key, envelope):
+            return
         header = _encode_header(envelope)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -267,19 +281,75 @@ class SqliteStore:
                 (envelope.session_id, envelope.topic, header, envelope.payload),
             )
 
-        await self._run(op)
+        await self._stored(key, envelope, op)
+
+    async def _stored(self, key: tuple[str, str], envelope: Envelope, op: Op) -> Any:
+        self._depth[key] += 1  # before the write: later puts must queue behind this one
+        try:
+            result = await self._run(op)
+        except BaseException:
+            self._undepth(key)
+            raise
+        if result is False:  # a duplicate: nothing was stored
+            self._undepth(key)
+            return result
         self._bytes += envelope.size
         self._queued += 1
-        self._wake((envelope.session_id, envelope.topic))
+        self._wake(key)
+        return result
+
+    def _undepth(self, key: tuple[str, str], count: int = 1) -> None:
+        self._depth[key] -= count
+        if self._depth[key] <= 0:
+            del self._depth[key]
+
+    def _idle_waiter(self, key: tuple[str, str]) -> asyncio.Future[Envelope | None] | None:
+        for fut in self._waiters.get(key, ()):
+            if not fut.done():
+                return fut
+        return None
+
+    def _handoff(self, key: tuple[str, str], envelope: Envelope) -> bool:
+        if self._depth.get(key, 0):
+            return False
+        fut = self._idle_waiter(key)
+        if fut is None:
+            return False
+        fut.set_result(envelope)
+        self.handoffs += 1
+        return True
 
     def _wake(self, key: tuple[str, str]) -> None:
-        waiters = self._waiters.get(key)
-        if not waiters:
-            return
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        fut = self._idle_waiter(key)
+        if fut is not None:
+            fut.set_result(None)
+
+    def _requeue_head(self, envelope: Envelope) -> None:
+        """A handed-off message whose pop did not return it goes back to the head of its queue."""
+        key = (envelope.session_id, envelope.topic)
+        header = _encode_header(envelope)
+        self._depth[key] += 1
+
+        def op(conn: sqlite3.Connection) -> None:
+            first = conn.execute("SELECT MIN(id) FROM queue").fetchone()[0]
+            conn.execute(
+                "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
+                ((first or 1) - 1, envelope.session_id, envelope.topic, header, envelope.payload),
+            )
+
+        async def requeue() -> None:
+            try:
+                await self._run(op)
+            except Exception:
+                self._undepth(key)
+                log.exception("could not put back a handed-off message",
+                              extra={"fields": {"session": key[0], "topic": key[1]}})
                 return
+            self._bytes += envelope.size
+            self._queued += 1
+            self._wake(key)
+
+        asyncio.get_running_loop().create_task(requeue())
 
     async def pop_nowait(self, session: str, topic: str) -> Envelope | None:
         """Remove and return the oldest message of the queue, or None if it is empty.
@@ -308,6 +378,7 @@ class SqliteStore:
         env = _decode_header(got[1], got[2])
         self._bytes -= env.size
         self._queued -= 1
+        self._undepth((session, topic))
         return env
 
     def _restore_later(self, task: asyncio.Future[Any], session: str, topic: str) -> None:
@@ -322,12 +393,16 @@ class SqliteStore:
             )
 
         async def restore() -> None:
+            self._depth[(session, topic)] += 1
             try:
                 await self._run(op)
             except Exception:
+                self._undepth((session, topic))
                 log.exception("could not put back a message of a cancelled pop",
                               extra={"fields": {"session": session, "topic": topic}})
                 return
+            self._bytes += len(payload)
+            self._queued += 1
             self._wake((session, topic))
 
         asyncio.get_running_loop().create_task(restore())
@@ -338,7 +413,7 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[Envelope | None] = loop.create_future()
             waiters = self._waiters.setdefault(key, collections.deque())
             waiters.append(fut)
             got: Envelope | None = None
@@ -347,19 +422,24 @@ class SqliteStore:
                 if got is not None:
                     return got
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 and not fut.done():
                     return None
                 try:
-                    await asyncio.wait_for(fut, remaining)
+                    got = await asyncio.wait_for(fut, max(remaining, 0.0))
                 except TimeoutError:
                     return None
+                if got is not None:  # handed over by a put
+                    return got
             finally:
                 waiters.remove(fut)
                 if not waiters:
                     del self._waiters[key]
-                # A wake-up this waiter received but did not use goes to the next parked pop.
-                if got is None and fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._wake(key)
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    result = fut.result()
+                    if result is None and got is None:
+                        self._wake(key)  # a wake-up this pop did not use goes to the next one
+                    elif result is not None and result is not got:
+                        self._requeue_head(result)  # handed over, but this pop is not returning it
 
     async def peek(self, session: str, topic: str) -> Envelope | None:
         """The oldest message of the queue without removing it."""
@@ -388,6 +468,8 @@ class SqliteStore:
         count, size = await self._run(op)
         self._bytes -= size
         self._queued -= count
+        for key in [k for k in self._depth if k[0] == session and (not topic or k[1] == topic)]:
+            del self._depth[key]
         for key, waiters in list(self._waiters.items()):
             if key[0] == session and (not topic or key[1] == topic):
                 for fut in waiters:
@@ -412,8 +494,33 @@ class SqliteStore:
 
     async def deliver(self, envelope: Envelope) -> bool:
         self._admit(envelope.size)
+        key = (envelope.session_id, envelope.topic)
         header = _encode_header(envelope)
         now = time.time()
+        if self._idle_waiter(key) is not None and not self._depth.get(key, 0):
+            # A pop is parked on the empty queue: record the id, then hand the message over.
+            def remember(conn: sqlite3.Connection) -> bool:
+                cur = conn.execute("INSERT OR IGNORE INTO seen (message_id, at) VALUES (?, ?)",
+                                   (envelope.message_id, now))
+                conn.execute("DELETE FROM partial WHERE message_id = ?", (envelope.message_id,))
+                return cur.rowcount == 1
+
+            if not await self._run(remember):
+                return False
+            if self._handoff(key, envelope):
+                return True
+            # The pop went away meanwhile: store it. (A crash between the two commits would lose it;
+            # the window is one writer round trip, and only when a pop vanished in it.)
+
+            def store(conn: sqlite3.Connection) -> bool:
+                conn.execute(
+                    "INSERT INTO queue (session, topic, header, payload) VALUES (?, ?, ?, ?)",
+                    (envelope.session_id, envelope.topic, header, envelope.payload),
+                )
+                return True
+
+            await self._stored(key, envelope, store)
+            return True
 
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("INSERT OR IGNORE INTO seen (message_id, at) VALUES (?, ?)", (envelope.message_id, now))
@@ -426,11 +533,7 @@ class SqliteStore:
             conn.execute("DELETE FROM partial WHERE message_id = ?", (envelope.message_id,))
             return True
 
-        fresh: bool = await self._run(op)
-        if fresh:
-            self._bytes += envelope.size
-            self._queued += 1
-            self._wake((envelope.session_id, envelope.topic))
+        fresh: bool = await self._stored(key, envelope, op)
         return fresh
 
     async def seen(self, message_id: str) -> bool:

@@ -215,3 +215,30 @@ def test_acknowledged_messages_survive_kill_9(tmp_path: pathlib.Path) -> None:
         await store.aclose()
 
     asyncio.run(check())
+
+
+def test_handoff_to_a_parked_pop_keeps_order_and_survives_cancellation(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        for round_ in range(10):
+            task = asyncio.create_task(store.pop("s", "t", timeout=30))
+            await asyncio.sleep(0.01)  # parked on the empty queue
+            first = env("t", b"first-%d" % round_)
+            await store.put(first)  # handed straight to the parked pop
+            await store.put(env("t", b"second-%d" % round_))  # stored: the queue is no longer "empty"
+            task.cancel()  # before the pop could return its message
+            try:
+                got = await task
+            except asyncio.CancelledError:
+                got = None
+            await asyncio.sleep(0.01)
+            left = []
+            while (e := await store.pop_nowait("s", "t")) is not None:
+                left.append(e.payload)
+            delivered = ([got.payload] if got else []) + left
+            assert delivered == [b"first-%d" % round_, b"second-%d" % round_]  # once each, in order
+        assert store.handoffs == 10
+        assert store.statistics().queued_messages == 0
+        await store.aclose()
+
+    asyncio.run(main())
