@@ -125,7 +125,7 @@ def test_quota_and_oversize_are_clear_errors_and_lose_nothing(tmp_path: pathlib.
     async def main() -> None:
         store = await open_store(tmp_path, max_bytes=1024 * 1024)
         await store.put(env("t", b"a" * 600_000))
-        with pytest.raises(StoreFullError, match="store.max_bytes"):
+        with pytest.raises(StoreFullError, match=r"store\.max_bytes"):
             await store.put(env("t", b"b" * 600_000))
         with pytest.raises(MessageTooLargeError):
             await store.deliver(env("t", b"c" * (65 * 1024 * 1024)))
