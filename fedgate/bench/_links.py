@@ -103,11 +103,13 @@ class TunLink:
     addr_a = K_ADDR_A
     addr_b = K_ADDR_B
 
-    def __init__(self, sandbox: Sandbox, *, mtu: int = 1500, seed: int = 1) -> None:
+    def __init__(self, sandbox: Sandbox, *, mtu: int = 1500, seed: int = 1, rt_priority: int = 0) -> None:
         self.ns_a = sandbox.add_netns("a")
         self.ns_b = sandbox.add_netns("b")
         dev_a, dev_b = sandbox.device_name("a"), sandbox.device_name("b")
         args = [
+            "--rt-priority",
+            str(rt_priority),
             "--ns-a",
             self.ns_a,
             "--dev-a",
@@ -127,6 +129,7 @@ class TunLink:
         if not ready.get("ready"):
             raise BenchSetupError(f"TUN forwarder failed: {ready.get('error', ready)}")
         self.forwarder_pid: int = self._proc.pid
+        self.sched: str = str(ready.get("sched", "normal"))
         for ns, dev, local, peer in (
             (self.ns_a, dev_a, K_ADDR_A, K_ADDR_B),
             (self.ns_b, dev_b, K_ADDR_B, K_ADDR_A),
@@ -309,8 +312,13 @@ def netem_available() -> tuple[bool, str]:
     return True, ""
 
 
-def open_link(kind: str, sandbox: Sandbox, *, mtu: int = 1500, seed: int = 1) -> LinkEmulator:
-    """Build the emulator named ``kind`` (``auto``: netem where it works, else tun)."""
+def open_link(
+    kind: str, sandbox: Sandbox, *, mtu: int = 1500, seed: int = 1, rt_priority: int = 0
+) -> LinkEmulator:
+    """Build the emulator named ``kind`` (``auto``: netem where it works, else tun).
+
+    ``rt_priority`` > 0 runs the userspace forwarder SCHED_FIFO at that priority (ignored by netem).
+    """
     if kind == "auto":
         kind = "netem" if netem_available()[0] else "tun"
     if kind == "netem":
@@ -319,5 +327,5 @@ def open_link(kind: str, sandbox: Sandbox, *, mtu: int = 1500, seed: int = 1) ->
             raise BenchSetupError(f"netem is not available here: {why}")
         return NetemLink(sandbox, mtu=mtu, seed=seed)
     if kind == "tun":
-        return TunLink(sandbox, mtu=mtu, seed=seed)
+        return TunLink(sandbox, mtu=mtu, seed=seed, rt_priority=rt_priority)
     raise UnknownPluginError("link emulator", kind, ["auto", "netem", "tun"])

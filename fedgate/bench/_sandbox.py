@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,9 +131,14 @@ class Sandbox:
         self.procs.append(proc)
         return proc
 
-    def python(self, module: str, args: Sequence[str], *, netns: str | None = None) -> subprocess.Popen[str]:
-        """Start ``python -m module args`` with this interpreter."""
-        return self.spawn([sys.executable, "-m", module, *args], netns=netns)
+    def python(
+        self, module: str, args: Sequence[str], *, netns: str | None = None, rt_priority: int = 0
+    ) -> subprocess.Popen[str]:
+        """Start ``python -m module args`` with this interpreter (SCHED_FIFO via chrt if rt_priority > 0)."""
+        argv = [sys.executable, "-m", module, *args]
+        if rt_priority > 0 and shutil.which("chrt"):
+            argv = ["chrt", "-f", str(rt_priority), *argv]
+        return self.spawn(argv, netns=netns)
 
     def stop(self, proc: subprocess.Popen[str], *, grace: float = K_KILL_GRACE) -> None:
         """Terminate one of our children (SIGTERM, then SIGKILL) and reap it."""

@@ -19,6 +19,9 @@ Rules of this module:
    tables of :class:`~fedgate.bench._emucore.DirectionShape` fields), ``reset``, ``stats``, ``quit``.
    End of file on stdin means quit, so the process never outlives its parent.
 5. Ctrl-C (SIGINT) is ignored here: the parent owns cleanup and tells this process to quit.
+6. With ``--rt-priority N`` the process runs SCHED_FIFO so that other work on a busy host does not make
+   deliveries late (the loop sleeps in select(); the kernel's RT throttling still caps it at 95% of a
+   CPU). The ready line says which scheduling it got.
 """
 
 from __future__ import annotations
@@ -194,6 +197,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--ns-b", required=True, help="network namespace of side B (the receiver)")
     parser.add_argument("--dev-b", required=True, help="TUN device name to create in side B")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the loss stages")
+    parser.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        help="SCHED_FIFO priority of this process (0: normal scheduling)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -204,7 +213,14 @@ def main(argv: Sequence[str]) -> int:
         sys.stdout.flush()
         return 1
     forwarder = _Forwarder(fd_a, fd_b, seed=args.seed)
-    sys.stdout.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    sched = "normal"
+    if args.rt_priority > 0:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.rt_priority))
+            sched = f"SCHED_FIFO {args.rt_priority}"
+        except OSError as exc:
+            sched = f"normal (SCHED_FIFO refused: {exc.strerror})"
+    sys.stdout.write(json.dumps({"ready": True, "pid": os.getpid(), "sched": sched}) + "\n")
     sys.stdout.flush()
     forwarder.run()
     return 0

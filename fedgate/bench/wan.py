@@ -70,6 +70,7 @@ K_CEILING_SHARE = 0.8  # a row's bottleneck above this share of the measured cei
 K_SATURATED = 0.85  # forwarder CPU busy share that marks a transfer emulator-limited
 K_LATE_MEAN = 0.001  # seconds of mean delivery lateness that marks a transfer as distorted
 K_HOST_BUSY = 0.9  # host CPU busy share that marks a transfer as possibly CPU-bound
+K_RT_PRIORITY = 10  # SCHED_FIFO priority of the userspace forwarder by default
 K_RTT_PROBES = 10  # UDP probes per row for the RTT check
 K_RTT_TOLERANCE = 2.0  # milliseconds a row's measured RTT may differ from its setting without a warning
 K_LOSS_Z = 4.0  # standard deviations of random drops off the setting that earn a note
@@ -114,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-bdp", type=float, default=1.0, help="bottleneck queue in BDPs (default 1)")
     p.add_argument("--data-loss-only", action="store_true", help="random loss on the data direction only")
     p.add_argument("--seed", type=int, default=1, help="seed of the emulator's loss draws")
+    p.add_argument(
+        "--rt-priority",
+        type=int,
+        default=K_RT_PRIORITY,
+        help="SCHED_FIFO priority of the userspace emulator, so host load does not delay packets (0: normal)",
+    )
     p.add_argument(
         "--calibrate",
         type=float,
@@ -208,6 +215,7 @@ class _Harness:
         self.mtu = mtu
         self.port = K_PORT_BASE
         self.ceiling_mbit: float | None = None
+        self.rt_priority = 0  # SCHED_FIFO priority of the RTT probes (the run's --rt-priority)
 
     def transfer(
         self, runner: TransportRunner, row: LinkRow, *, duration: float, label: str = ""
@@ -287,24 +295,17 @@ class _Harness:
             "fedgate.bench.udp_probe",
             ["echo", "--listen", target, "--idle", str(wait + 2)],
             netns=self.link.ns_b,
+            rt_priority=self.rt_priority,
         )
+        ping_args = ["ping", "--connect", target, "--count", str(K_RTT_PROBES), "--interval", "0.005"]
         try:
             if not wait_listening(echo.pid, self.port, proto="udp", timeout=K_LISTEN_TIMEOUT):
                 return {"setting_ms": row.rtt_ms, "error": "echo server did not start"}
             ping = self.sandbox.python(
                 "fedgate.bench.udp_probe",
-                [
-                    "ping",
-                    "--connect",
-                    target,
-                    "--count",
-                    str(K_RTT_PROBES),
-                    "--interval",
-                    "0.005",
-                    "--wait",
-                    str(wait),
-                ],
+                [*ping_args, "--wait", str(wait)],
                 netns=self.link.ns_a,
+                rt_priority=self.rt_priority,
             )
             out, _ = ping.communicate(timeout=wait + 10)
         finally:
@@ -463,10 +464,14 @@ def main(argv: Sequence[str]) -> int:
             stale = remove_stale()
             if stale:
                 progress.message(f"removed stale namespaces of dead runs: {', '.join(stale)}")
-            link = open_link(args.emulator, sandbox, mtu=args.mtu, seed=args.seed)
-            doc["emulator"] = {"kind": link.kind}
-            progress.message(f"emulator: {link.kind} ({link.ns_a} -> {link.ns_b})")
+            link = open_link(
+                args.emulator, sandbox, mtu=args.mtu, seed=args.seed, rt_priority=args.rt_priority
+            )
+            sched = getattr(link, "sched", "kernel")
+            doc["emulator"] = {"kind": link.kind, "sched": sched}
+            progress.message(f"emulator: {link.kind} ({link.ns_a} -> {link.ns_b}; scheduling: {sched})")
             harness = _Harness(sandbox, link, Path(tmp), progress, args.mtu)
+            harness.rt_priority = args.rt_priority
             if link.kind == "tun" and args.calibrate > 0:
                 calib = harness.calibrate(registry["kernel-cubic"], seconds=args.calibrate)
                 doc["emulator"]["ceiling"] = calib

@@ -13,6 +13,8 @@ import pytest
 
 from fedgate.bench import LinkEmulator, Sandbox, netem_available, open_link
 
+K_FORWARDER_PRIORITY = 10  # SCHED_FIFO: the emulator keeps its timing when other work loads the host
+K_PROBE_PRIORITY = 5  # SCHED_FIFO: probes time packets without being descheduled by other work
 K_NEEDS = "needs root, /dev/net/tun and iproute2 (network namespaces, TUN devices)"
 
 
@@ -42,7 +44,7 @@ class LinkUnderTest:
     def probe(self, side: str, args: list[str], *, timeout: float = 60.0) -> dict[str, Any]:
         """Run ``udp_probe args`` in namespace ``a`` or ``b``; return its JSON line."""
         ns = self.link.ns_a if side == "a" else self.link.ns_b
-        proc = self.sandbox.python("fedgate.bench.udp_probe", args, netns=ns)
+        proc = self.sandbox.python("fedgate.bench.udp_probe", args, netns=ns, rt_priority=K_PROBE_PRIORITY)
         out, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -50,7 +52,7 @@ class LinkUnderTest:
 
     def start(self, side: str, args: list[str]) -> Any:
         ns = self.link.ns_a if side == "a" else self.link.ns_b
-        return self.sandbox.python("fedgate.bench.udp_probe", args, netns=ns)
+        return self.sandbox.python("fedgate.bench.udp_probe", args, netns=ns, rt_priority=K_PROBE_PRIORITY)
 
     def next_port(self) -> int:
         self.port += 1
@@ -66,7 +68,7 @@ def emulated_link(request: pytest.FixtureRequest) -> Iterator[LinkUnderTest]:
         if not ok:
             pytest.skip(f"kernel netem absent here ({why[-120:]}); the TUN emulator covers this host")
     with Sandbox() as sandbox:
-        link = open_link(kind, sandbox, seed=11)
+        link = open_link(kind, sandbox, seed=11, rt_priority=K_FORWARDER_PRIORITY)
         yield LinkUnderTest(sandbox, link)
         link.close()
     assert our_netns(os.getpid()) == []
