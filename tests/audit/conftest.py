@@ -24,7 +24,9 @@ from fedgate.proxy.protos import osx_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 K_PYFATE = pathlib.Path(os.environ.get("FEDGATE_INTEROP_VENVS", ROOT / ".test-venvs")) / "pyfate"
+K_EGGROLL = K_PYFATE.with_name("eggroll")
 K_GENERATOR = pathlib.Path(__file__).with_name("gen_fate_payloads.py")
+K_ROLLSITE_GENERATOR = pathlib.Path(__file__).with_name("gen_rollsite_packets.py")
 
 
 @dataclass(frozen=True)
@@ -42,20 +44,29 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"real FATE payloads unavailable: {reason}")
 
 
-@pytest.fixture(scope="session")
-def fate_payloads(tmp_path_factory: pytest.TempPathFactory) -> list[FatePayload]:
-    python = K_PYFATE / "bin" / "python"
-    failed = K_PYFATE.with_name("pyfate.failed")
+def _venv_python(venv: pathlib.Path) -> pathlib.Path:
+    python = venv / "bin" / "python"
+    failed = venv.with_name(f"{venv.name}.failed")
     if not python.exists():
         why = failed.read_text().strip() if failed.exists() else "run `make interop-venv`"
         _unavailable(f"{python} is missing ({why})")
-    out = tmp_path_factory.mktemp("fate-payloads")
+    return python
+
+
+def _run_generator(python: pathlib.Path, script: pathlib.Path, *args: pathlib.Path) -> None:
     env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "true", "GRPC_POLL_STRATEGY": "poll"}
     proc = subprocess.run(
-        [str(python), str(K_GENERATOR), str(out)], capture_output=True, text=True, timeout=240, env=env
+        [str(python), str(script), *map(str, args)], capture_output=True, text=True, timeout=240, env=env
     )
     if proc.returncode != 0 or "RESULT " not in proc.stdout:
-        pytest.fail(f"gen_fate_payloads.py failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def fate_payloads(tmp_path_factory: pytest.TempPathFactory) -> list[FatePayload]:
+    python = _venv_python(K_PYFATE)
+    out = tmp_path_factory.mktemp("fate-payloads")
+    _run_generator(python, K_GENERATOR, out)
     manifest = json.loads((out / "manifest.json").read_text())
     payloads = []
     for i, entry in enumerate(manifest):
@@ -76,6 +87,33 @@ def fate_payloads(tmp_path_factory: pytest.TempPathFactory) -> list[FatePayload]
             )
         )
     return payloads
+
+
+@pytest.fixture(scope="session")
+def rollsite_packets(
+    tmp_path_factory: pytest.TempPathFactory, fate_payloads: list[FatePayload]
+) -> list[tuple[str, Envelope]]:
+    """The inline FATE objects above, pushed by the real EggRoll rollsite client: (object, packet)."""
+    python = _venv_python(K_EGGROLL)
+    objects = tmp_path_factory.mktemp("fate-objects")
+    for p in fate_payloads:
+        if p.content_type == "text/plain" and not p.object.startswith("big_"):
+            (objects / f"{p.object}.obj").write_bytes(osx_pb2.Message.FromString(p.envelope.payload).body)
+    out = tmp_path_factory.mktemp("rollsite-packets")
+    _run_generator(python, K_ROLLSITE_GENERATOR, objects, out)
+    packets = []
+    for i, entry in enumerate(json.loads((out / "manifest.json").read_text())):
+        env = Envelope(
+            message_id=f"rs-{i:03d}",
+            session_id="audit-rs",
+            topic=entry["object"],
+            src_party="9999",
+            dst_party="10000",
+            payload=(out / entry["file"]).read_bytes(),
+            protocol="rollsite",
+        )
+        packets.append((str(entry["object"]), env))
+    return packets
 
 
 def osx_envelope(

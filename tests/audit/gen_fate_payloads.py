@@ -16,6 +16,8 @@ Objects (all from guest 9999 to host 10000, session ``audit-gen``):
 - ``plain_ok`` (values in [0, 1)), ``plain_range`` (feature 2 holds 1e6), ``plain_nan`` (feature 1
   holds NaN), ``plain_empty`` (16 rows, 0 features), ``plain_norows`` (0 rows, 4 features), and
   ``numpy_ok`` (a numpy array, FATE's other safetensors path);
+- ``mid_ok`` and ``mid_range``: 576 kB inline objects (several rollsite chunks); ``mid_range`` holds
+  -3.0 in its last row;
 - ``big_ok`` and ``big_range``: objects over FATE's 1 MiB limit (split into a slice table plus a
   header); ``big_range`` has a value of 1e6 in its last row, far past the first slice.
 
@@ -39,6 +41,7 @@ K_SESSION = "audit-gen"
 K_GUEST = ("guest", "9999")
 K_HOST = ("host", "10000")
 K_BIG_ROWS = 40_000  # rows of 8 float64 features: 2.56 MB, split by FATE (limit 1 MiB)
+K_MID_ROWS = 9_000  # rows of 8 float64 features: 576 kB, inline (rollsite sends it in 6 chunks)
 
 
 def _serve(outdir: pathlib.Path, port_file: pathlib.Path) -> None:
@@ -124,6 +127,9 @@ def _objects() -> list[tuple[str, Any]]:
     big_ok = torch.rand(K_BIG_ROWS, 8, generator=gen, dtype=torch.float64)
     big_range = big_ok.clone()
     big_range[K_BIG_ROWS - 1, 3] = 1e6
+    mid_ok = torch.rand(K_MID_ROWS, 8, generator=gen, dtype=torch.float64)
+    mid_range = mid_ok.clone()
+    mid_range[K_MID_ROWS - 1, 5] = -3.0
     objects: list[tuple[str, Any]] = []
     ciphers = {bits: _cipher(bits) for bits in (1024, 2048, 128, 2025)}
     for bits in (1024, 2048, 128, 2025):
@@ -137,6 +143,8 @@ def _objects() -> list[tuple[str, Any]]:
         ("plain_empty", torch.zeros(16, 0, dtype=torch.float64)),
         ("plain_norows", torch.zeros(0, 4, dtype=torch.float64)),
         ("numpy_ok", np.asarray(ok.numpy(), dtype=np.float32)),
+        ("mid_ok", {"weights": mid_ok, "note": "mid"}),
+        ("mid_range", {"weights": mid_range, "note": "mid"}),
         ("big_ok", {"weights": big_ok, "note": "big"}),
         ("big_range", {"weights": big_range, "note": "big"}),
     ]

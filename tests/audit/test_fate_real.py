@@ -38,6 +38,8 @@ K_EXPECTED: dict[str, str | None] = {
     "plain_empty": "tensor.empty",
     "plain_norows": "tensor.empty",
     "numpy_ok": None,
+    "mid_ok": None,
+    "mid_range": "tensor.range",
     "big_ok": None,
     "big_range": "tensor.range",
 }
@@ -155,6 +157,23 @@ def _rollsite_packets(env: Envelope, name: str, *, chunk: int = 100_000) -> list
             )
         )
     return out
+
+
+def test_real_rollsite_client_chunks(rollsite_packets: list[tuple[str, Envelope]]) -> None:
+    chain = _chain()
+    verdicts: dict[str, list[str | None]] = defaultdict(list)
+    for name, env in rollsite_packets:
+        verdict = chain.inspect(env, "in", now=0.0).verdict
+        verdicts[name].append(verdict.rule if isinstance(verdict, Reject) else None)
+    assert len(verdicts["mid_range"]) > 1  # the 576 kB object really travelled in several packets
+    for name, rules in verdicts.items():
+        expected = K_EXPECTED[name]
+        if expected is None:
+            assert set(rules) == {None}, (name, rules)
+        else:
+            # the chunk that completes the offending value is rejected, and every later one of the object
+            first = next(i for i, r in enumerate(rules) if r is not None)
+            assert rules[first] == expected and set(rules[first + 1 :]) <= {"object.rejected"}, (name, rules)
 
 
 @pytest.mark.parametrize("chunk", [100_000, 997])
