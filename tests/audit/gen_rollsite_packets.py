@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     entries: list[dict[str, Any]] = []
     current = [""]
 
-    class Servicer(proxy_pb2_grpc.DataTransferServiceServicer):  # type: ignore[misc]
+    class Servicer(proxy_pb2_grpc.DataTransferServiceServicer):  # type: ignore[misc, name-defined, unused-ignore]
         def push(self, request_iterator: Any, context: Any) -> Any:
             last = None
             for packet in request_iterator:
