@@ -39,7 +39,8 @@ from fedgate.audit.filters import (
 from fedgate.audit.payload import Inspection, PayloadInspector, PayloadLimits
 from fedgate.audit.pickle_scan import PickleLimits
 from fedgate.audit.policy import AuditPolicy, load_policy
-from fedgate.errors import UnknownPluginError
+from fedgate.audit.safetensors_scan import numpy_available
+from fedgate.errors import ConfigError, UnknownPluginError
 from fedgate.proxy.envelope import Envelope
 
 __all__ = ["AuditChain", "AuditResult", "build_filters"]
@@ -89,6 +90,8 @@ class AuditChain:
         *,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        if config.enabled and not numpy_available():
+            raise ConfigError("the audit chain needs numpy (pip install 'numpy>=1.26')", path="audit.enabled")
         self._config = config
         self._policy = policy
         self._filters = build_filters(config.filters, policy)

@@ -10,23 +10,27 @@ Rules of this module:
    rollsite chunk boundary can fall anywhere, even inside the header).
 2. Memory is bounded: the header is capped at ``K_MAX_HEADER``; tensor data is consumed in
    row-aligned pieces and only a partial row (at most ``K_MAX_ROW_BYTES``) is kept between pieces.
-3. A feature is one column: the tensor's first axis is rows, the remaining axes are flattened into
+3. numpy does the arithmetic; it is imported on first use (``numpy_available()`` lets the chain
+   refuse to start without it rather than fail on the first tensor).
+4. A feature is one column: the tensor's first axis is rows, the remaining axes are flattened into
    columns. Per-column statistics are kept for up to ``K_MAX_FEATURES`` columns, else only totals.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported where it is used, so that importing fedgate never needs it
+    import numpy as np
+    import numpy.typing as npt
 
 from fedgate.audit.events import ColumnStats, Event, Malformed, TensorFound
 
-__all__ = ["K_MAX_FEATURES", "K_MAX_HEADER", "SafetensorsScanner", "looks_like_safetensors"]
+__all__ = ["K_MAX_FEATURES", "K_MAX_HEADER", "SafetensorsScanner", "looks_like_safetensors", "numpy_available"]
 
 K_MAX_HEADER = 1024 * 1024  # bytes of JSON header accepted
 K_MAX_FEATURES = 4096  # columns tracked one by one per tensor
@@ -48,6 +52,11 @@ _DTYPES: dict[str, str] = {
     "U64": "<u8",
     "BOOL": "?",
 }
+
+
+def numpy_available() -> bool:
+    """True when numpy can be imported (the statistics need it)."""
+    return importlib.util.find_spec("numpy") is not None
 
 
 def looks_like_safetensors(prefix: bytes, total_len: int) -> bool:
@@ -86,11 +95,15 @@ class _Acc:
             buf = data
         usable = len(buf) // self.unit * self.unit
         if usable:
+            import numpy as np
+
             self._add(np.frombuffer(buf[:usable], dtype=self.np_dtype))
         rest = bytes(buf[usable:])
         self.leftover = bytearray(rest)
 
     def _add(self, flat: npt.NDArray[Any]) -> None:
+        import numpy as np
+
         if self.dtype == "BF16":
             flat = (flat.astype(np.uint32) << 16).view(np.float32)
         width = self.cols if self.per_column else 1
@@ -262,6 +275,8 @@ class SafetensorsScanner:
         ):
             self._fail(f"tensor {name!r}: bad data_offsets {offsets!r}")
             return None
+        import numpy as np
+
         np_dtype = np.dtype(_DTYPES[dtype])
         count = math.prod(shape)
         if count * np_dtype.itemsize != offsets[1] - offsets[0]:
