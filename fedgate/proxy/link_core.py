@@ -236,7 +236,7 @@ class LinkCore:
         return {
             "magic": K_MAGIC, "v": list(K_VERSIONS), "party": self.params.local_party, "role": self.role,
             "caps": sorted(self.params.capabilities), "k": self.params.chunk_bytes,
-            "w": self.params.window_bytes, "ka": self.params.keepalive_s,
+            "w": self.params.window_bytes, "ka": self.params.keepalive_s, "m": self.params.max_message_bytes,
         }
 
     # -- timers -----------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Frame types (``h`` = header keys):
 
 =========  ==  ====================================================================================
 HELLO       1  ``magic`` "fedgate-link", ``v`` [versions], ``party``, ``role`` "sender"|"receiver",
-               ``caps`` [str], ``k`` max chunk bytes, ``w`` initial credit (receiver), ``ka`` keepalive s
+               ``caps`` [str], ``k`` max chunk bytes, ``w`` initial credit (receiver), ``ka`` keepalive s,
+               ``m`` largest message payload accepted, bytes
 MSG         2  ``i`` message id, ``o`` offset, ``n`` total size, ``e`` envelope header (first frame
                of a message on a connection, or after a rewind); payload = the chunk
 ACK         3  ``a`` [ids stored or duplicate], ``r`` [[id, rule, detail]] rejected by the audit
@@ -38,7 +39,7 @@ from typing import Any
 
 import msgpack
 
-from fedgate.errors import RemoteProtocolError
+from fedgate.errors import MessageTooLargeError, RemoteProtocolError
 from fedgate.proxy.envelope import Envelope
 
 __all__ = [
@@ -212,6 +213,25 @@ def envelope_header(env: Envelope) -> dict[str, Any]:
         "sr": env.src_role, "dr": env.dst_role, "m": dict(env.metadata), "p": env.protocol,
         "c": env.created_at,
     }
+
+
+def check_sendable(env: Envelope, *, max_message_bytes: int) -> None:
+    """Raise MessageTooLargeError if the receiver would refuse ``env``'s MSG header or size.
+
+    Runs the receiver's own parser on the encoded header, so both ends apply the same limits; a
+    sender checks before offering, because a message the peer refuses would otherwise fail the link
+    on every reconnect.
+    """
+    if env.size > max_message_bytes:
+        raise MessageTooLargeError(f"message of {env.size} bytes exceeds the peer's limit of {max_message_bytes}")
+    header = {"i": env.message_id, "o": 0, "n": env.size, "e": envelope_header(env)}
+    try:
+        packed = encode_frame(MSG, header, 0)
+        decoded = _unpack_header(MSG, memoryview(packed)[K_PREFIX_SIZE:])
+        get_str(decoded, "i", MSG)
+        envelope_from_header(decoded["i"], decoded["e"])
+    except (ValueError, RemoteProtocolError) as exc:
+        raise MessageTooLargeError(f"message {env.message_id[:80]!r} cannot cross the link: {exc}") from exc
 
 
 def envelope_from_header(message_id: str, e: Any) -> Envelope:

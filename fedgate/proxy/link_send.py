@@ -75,6 +75,8 @@ class LinkSenderCore(LinkCore):
     ) -> None:
         super().__init__(params, now=now, expected_peer=expected_peer, authenticated_peer=authenticated_peer)
         self.credit = 0
+        self.peer_max_message = 0
+        """Largest payload the receiver accepts (HELLO ``m``), known once OPEN."""
         self.bytes_sent = 0
         self.messages_sent = 0
         self._unacked: dict[str, _Outgoing] = {}
@@ -150,6 +152,7 @@ class LinkSenderCore(LinkCore):
 
     def _on_handshake(self, h: dict[str, Any], caps: frozenset[str], events: list[LinkEvent]) -> None:
         self.credit = get_int(h, "w", HELLO, lo=0, hi=2**40)
+        self.peer_max_message = get_int(h, "m", HELLO, lo=0, hi=2**62)
         if self.credit < self.chunk_bytes + K_FRAME_CHARGE:
             raise LinkProtocolViolation(f"receiver window {self.credit} cannot hold one chunk of {self.chunk_bytes}")
         assert self.peer_party is not None

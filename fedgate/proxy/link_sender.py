@@ -13,6 +13,9 @@ Rules of this module:
 4. Memory is bounded: at most ``lookahead`` messages are offered but unsent, and at most
    ``max_unacked`` unacknowledged (credit bounds their bytes).
 5. ``statistics()`` is a frozen snapshot; metrics are updated as events happen.
+6. A message the peer would refuse whatever we do (over its HELLO size limit, a header over the
+   frame limits) is not retried forever: it is dropped from the outbox as rejected (rule
+   ``link-limits``), logged, counted and handed to ``on_rejected`` like an audit rejection.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from fedgate.errors import FedgateError, PeerUnavailableError
+from fedgate.errors import FedgateError, MessageTooLargeError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
 from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation
 from fedgate.proxy.link_events import (
@@ -38,6 +41,7 @@ from fedgate.proxy.link_events import (
     Rejection,
     RttMeasured,
 )
+from fedgate.proxy.link_frames import check_sendable
 from fedgate.proxy.link_metrics import LinkMetrics
 from fedgate.proxy.link_send import LinkSenderCore
 from fedgate.proxy.link_session import LinkConnection
@@ -136,6 +140,8 @@ class LinkSender:
         self._acks: list[str] = []
         self._ack_ready = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+        """Set when the current connection's handshake completed."""
 
     # -- public -----------------------------------------------------------------------------------------
 
@@ -214,6 +220,7 @@ class LinkSender:
             self.params, now=loop.time(), expected_peer=self.peer, authenticated_peer=channel.peer_party
         )
         conn = LinkConnection(core, channel, self._on_event)
+        self._opened = asyncio.Event()
         if channel.peer_party is not None and channel.peer_party != self.peer:
             reason = (
                 f"refusing link to party {self.peer} at {channel.description}: "
@@ -276,6 +283,7 @@ class LinkSender:
             if m:
                 m.rtt.labels(self.peer).set(event.rtt)
         elif isinstance(event, HandshakeCompleted):
+            self._opened.set()
             self._state = "open"
             self._last_error = ""
             log.info("link to party %s open (version %d)", self.peer, event.version)
@@ -305,6 +313,7 @@ class LinkSender:
         after_seq = 0
         limit = K_BATCH
         self._items.clear()
+        await self._opened.wait()  # the peer's limits (HELLO) decide what may be offered
         while not self._stopping and conn.terminated is None:
             if (core.unsent >= self._lookahead or core.unacked >= self._max_unacked
                     or core.unsent_bytes >= self.params.window_bytes):
@@ -319,14 +328,32 @@ class LinkSender:
                 await self._outbox.wait_pending(self.peer, after_seq=after_seq, timeout=K_IDLE_POLL)
                 continue
             for item in items:
+                after_seq = item.seq
+                try:
+                    check_sendable(item.envelope, max_message_bytes=core.peer_max_message)
+                except MessageTooLargeError as exc:
+                    await self._dead_letter(item, exc)
+                    continue
                 core.offer(item.envelope, resume_offset=self._resume.get(item.envelope.message_id, 0))
                 self._items[item.envelope.message_id] = item
-                after_seq = item.seq
             # Large messages are read a few at a time, so memory stays near the credit window.
             average = sum(item.envelope.size for item in items) // len(items)
             limit = K_BATCH if average < K_LARGE else K_LARGE_BATCH
             conn.kick()
             await asyncio.sleep(0)
+
+    async def _dead_letter(self, item: OutboxItem, exc: MessageTooLargeError) -> None:
+        """A message the peer would refuse on every try: treat it as rejected (rule 6) instead of
+        failing the link forever."""
+        rejection = Rejection(item.envelope.message_id, "link-limits", str(exc))
+        log.error("message %s to party %s cannot be sent and is dropped from the outbox: %s",
+                  item.envelope.message_id, self.peer, exc)
+        self._stats["messages_rejected"] += 1
+        if self._metrics:
+            self._metrics.messages_rejected.labels(self.peer).inc()
+        if self._on_rejected is not None:
+            await self._on_rejected(item, rejection)
+        await self._outbox.ack(self.peer, [item.envelope.message_id])
 
     def _sync_sent(self, core: LinkSenderCore) -> None:
         """Move the core's send counters into the metrics (deltas since the last sync)."""

@@ -95,6 +95,7 @@ class LinkConnection(Generic[CoreT]):
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                self.kick()  # the core's HELLO is waiting
                 writer = group.create_task(self._writer())
                 for coro in (self._reader(), self._timer(), *owner_tasks):
                     self.spawn(coro)

@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
+from fedgate.proxy.link_events import Rejection
 from fedgate.proxy.link_listener import LinkListener
 from fedgate.proxy.link_metrics import LinkMetrics
-from fedgate.proxy.link_sender import LinkSender, backoff_delays, carrier_dial
+from fedgate.proxy.link_sender import LinkSender, RejectedHook, backoff_delays, carrier_dial
+from fedgate.proxy.store_api import OutboxItem
 from fedgate.proxy.testing import MemoryCarrier, MemoryInbox, MemoryOutbox
 
 SENDER, RECEIVER = "9999", "10000"
@@ -32,18 +35,20 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(*, window: int = 16 * CHUNK, keepalive: float = 0.5) -> AsyncIterator[Rig]:
+async def rig(*, window: int = 16 * CHUNK, keepalive: float = 0.5, max_message: int = 2**32,
+              on_rejected: RejectedHook | None = None) -> AsyncIterator[Rig]:
     carrier = MemoryCarrier(client_party=SENDER, server_party=RECEIVER)
     outbox, inbox, registry = MemoryOutbox(), MemoryInbox(), CollectorRegistry()
     metrics = LinkMetrics(registry)
     listener = LinkListener(
-        params=LinkParams(RECEIVER, chunk_bytes=CHUNK, window_bytes=window, keepalive_s=keepalive), inbox=inbox,
+        params=LinkParams(RECEIVER, chunk_bytes=CHUNK, window_bytes=window, keepalive_s=keepalive,
+                          max_message_bytes=max_message), inbox=inbox,
         allow=lambda party: party == SENDER, metrics=metrics, retry_initial_s=0.001, retry_max_s=0.01)
     await carrier.listen("peer", 1, tls=None, handler=listener.handle)
     sender = LinkSender(
         peer=RECEIVER, params=LinkParams(SENDER, chunk_bytes=CHUNK, keepalive_s=keepalive), outbox=outbox,
         dial=carrier_dial(carrier.connect, "peer", 1, tls=None, server_hostname=None, timeout=1.0),
-        backoff_initial_s=0.002, backoff_max_s=0.02, metrics=metrics, rng=random.Random(7))
+        backoff_initial_s=0.002, backoff_max_s=0.02, metrics=metrics, rng=random.Random(7), on_rejected=on_rejected)
     task = asyncio.create_task(sender.run())
     try:
         yield Rig(carrier, sender, listener, outbox, inbox, registry)
@@ -92,9 +97,10 @@ def test_peer_down_then_up_backs_off_reports_health_and_delivers() -> None:
     asyncio.run(main())
 
 
-def test_chaos_every_message_exactly_once_in_order_per_topic() -> None:
+@pytest.mark.parametrize("seed", [20261127, 1, 2])
+def test_chaos_every_message_exactly_once_in_order_per_topic(seed: int) -> None:
     """Random connection cuts and store-full spells while N messages of mixed sizes flow."""
-    rng = random.Random(20261127)
+    rng = random.Random(seed)
 
     async def main() -> None:
         async with rig() as r:
@@ -160,5 +166,26 @@ def test_newer_connection_from_the_same_party_replaces_the_older() -> None:
             await wait_for(lambda: r.sender.statistics().reconnects >= 1)  # the first one was closed
             await second.aclose()
             task.cancel()
+
+    asyncio.run(main())
+
+
+def test_messages_the_peer_must_refuse_are_dead_lettered_not_retried_forever() -> None:
+    dead: list[tuple[str, str]] = []
+
+    async def on_rejected(item: OutboxItem, rejection: Rejection) -> None:
+        dead.append((item.envelope.message_id, rejection.rule))
+
+    async def main() -> None:
+        async with rig(max_message=10_000, on_rejected=on_rejected) as r:
+            await r.outbox.put(RECEIVER, message(1, 20_000, "t"))  # over the peer's HELLO limit
+            long_id = Envelope(message_id="x" * 300, session_id="s", topic="t", src_party=SENDER,
+                               dst_party=RECEIVER, payload=b"1")  # id over the frame limit
+            await r.outbox.put(RECEIVER, long_id)
+            await r.outbox.put(RECEIVER, message(2, 100, "t"))
+            await wait_for(lambda: len(r.outbox.acked) == 3)
+            assert r.inbox.order == ["m00002"]
+            assert dead == [("m00001", "link-limits"), ("x" * 300, "link-limits")]
+            assert r.sender.statistics().messages_rejected == 2 and r.sender.statistics().reconnects == 0
 
     asyncio.run(main())
