@@ -113,9 +113,19 @@ def test_chaos_every_message_exactly_once_in_order_per_topic(seed: int) -> None:
                     if rng.random() < 0.1:
                         await asyncio.sleep(0.001)
 
+            def done() -> bool:
+                return len(r.outbox.acked) == len(msgs)
+
             async def chaos() -> None:
-                while len(r.outbox.acked) < len(msgs):
-                    await asyncio.sleep(rng.uniform(0.001, 0.02))
+                while not done():
+                    # Strike after a little progress (a few messages or chunks), whatever the speed.
+                    count = len(r.inbox.order) + rng.randint(2, 20)
+                    staged = r.inbox.appended_bytes + rng.randint(1, 8) * CHUNK
+
+                    def progressed(count: int = count, staged: int = staged) -> bool:
+                        return done() or len(r.inbox.order) >= count or r.inbox.appended_bytes >= staged
+
+                    await wait_for(progressed)
                     fault = rng.random()
                     if fault < 0.4:
                         r.carrier.cut_all()
