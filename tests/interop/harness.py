@@ -121,6 +121,8 @@ class Gateway:
     front_port: int = field(default_factory=free_port)
     link_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    max_pop_wait_s: float = K_MAX_POP_WAIT
+    """Cap on a parked pop (seconds); FATE asks for 10 hours."""
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -149,7 +151,7 @@ class Gateway:
                     "drain_timeout_s = 2.0",
                     "[front]",
                     f'listen = "127.0.0.1:{self.front_port}"',
-                    f"max_pop_wait_s = {K_MAX_POP_WAIT}",
+                    f"max_pop_wait_s = {self.max_pop_wait_s}",
                     "[link]",
                     f'listen = "127.0.0.1:{self.link_port}"',
                     "insecure = true",
@@ -209,7 +211,11 @@ class Gateway:
 
 @contextlib.contextmanager
 def gateway_mesh(
-    root: pathlib.Path, parties: Sequence[str], *, transport: str = "grpc"
+    root: pathlib.Path,
+    parties: Sequence[str],
+    *,
+    transport: str = "grpc",
+    max_pop_wait_s: float = K_MAX_POP_WAIT,
 ) -> Iterator[dict[str, Gateway]]:
     """One gateway per party, each routing every other party to that party's gateway.
 
@@ -219,7 +225,7 @@ def gateway_mesh(
     ports = iter(free_ports(3 * len(parties)))
     gateways = {
         p: Gateway(party=p, home=root / f"gw-{p}", front_port=next(ports), link_port=next(ports),
-                   metrics_port=next(ports))
+                   metrics_port=next(ports), max_pop_wait_s=max_pop_wait_s)
         for p in parties
     }  # fmt: skip
     for p, gw in gateways.items():

@@ -104,3 +104,47 @@ def test_gateway_restart_between_push_and_pop_loses_nothing(
         )
         assert not _failures(received, gws), _failures(received, gws)
         assert received["host"].result["checks"] == 3 * K_ITERATIONS
+
+
+def test_push_without_route_fails_the_fate_call(pyfate_python: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """pyfate ignores ``code`` on push: a push the gateway cannot deliver must fail the RPC itself."""
+    with gateway_mesh(tmp_path, ["9999"]) as gws:  # no route to party 10000
+        argv = fate_party_argv(
+            role="guest",
+            party_id="9999",
+            parties=K_PAIR,
+            port=gws["9999"].front_port,
+            session="gw-noroute",
+            data_dir=tmp_path / "data-guest",
+            scenario="oneway",
+            phase="send",
+            iterations=1,
+            extra=["--no-destroy"],
+        )
+        runs = run_drivers(pyfate_python, {"guest": argv}, workdir=tmp_path / "d", timeout=K_DRIVER_TIMEOUT)
+        guest = runs["guest"]
+        assert guest.returncode == 1 and not guest.result["ok"], guest.describe()
+        assert "_InactiveRpcError" in guest.result["error"], guest.describe()
+        assert "10000" in guest.result["error"], "the status names the party without a route"
+
+
+def test_expired_pop_becomes_fate_lookup_error(pyfate_python: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A pop that outlives the gateway's cap is answered E0000000601, which pyfate raises as LookupError."""
+    with gateway_mesh(tmp_path, ["10000"], max_pop_wait_s=1.0) as gws:  # nobody ever sends
+        argv = fate_party_argv(
+            role="host",
+            party_id="10000",
+            parties=K_PAIR,
+            port=gws["10000"].front_port,
+            session="gw-expired",
+            data_dir=tmp_path / "data-host",
+            scenario="oneway",
+            phase="recv",
+            iterations=1,
+            extra=["--no-destroy"],
+        )
+        runs = run_drivers(pyfate_python, {"host": argv}, workdir=tmp_path / "d", timeout=K_DRIVER_TIMEOUT)
+        host = runs["host"]
+        assert host.returncode == 1, host.describe()
+        assert host.result["error"].startswith("LookupError"), host.describe()
+        assert "E0000000601" in host.result["error"], host.describe()
