@@ -15,6 +15,9 @@ Rules of this module:
    (ACK ``r``) and drops it from its outbox; the hook is where it gets recorded (ledger). A resent
    copy meets the same hook again, so a deterministic policy gives the same answer.
 5. A newer connection from the same party replaces the older one (``replaced``).
+6. A message the store can never take (MessageTooLargeError) is rejected (rule ``store-limits``),
+   final like an audit rejection, so it cannot wedge the link; set ``LinkParams.max_message_bytes``
+   to the store's limit and senders drop such messages before sending them (HELLO ``m``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fedgate.errors import StoreFullError
+from fedgate.errors import MessageTooLargeError, StoreFullError
 from fedgate.proxy.carrier import ByteChannel
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation
@@ -221,11 +224,17 @@ class _InboundSession:
                     async def deliver(env: Envelope = envelope) -> bool:
                         return await listener._inbox.deliver(env)
 
-                    fresh = await listener._store(deliver, self.party)
-                    core.ack(envelope.message_id)
-                    listener._counts["stored" if fresh else "duplicates"] += 1
-                    if m:
-                        (m.received_messages if fresh else m.duplicates).labels(self.party).inc()
+                    try:
+                        fresh = await listener._store(deliver, self.party)
+                    except MessageTooLargeError as exc:  # can never fit: final, like an audit rejection
+                        log.error("message %s from party %s refused: %s", envelope.message_id, self.party, exc)
+                        core.reject(envelope.message_id, rule="store-limits", detail=str(exc))
+                        listener._counts["rejected"] += 1
+                    else:
+                        core.ack(envelope.message_id)
+                        listener._counts["stored" if fresh else "duplicates"] += 1
+                        if m:
+                            (m.received_messages if fresh else m.duplicates).labels(self.party).inc()
                 core.release(charge)
                 lane.popleft()
                 self.conn.kick()

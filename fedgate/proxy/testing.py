@@ -13,7 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from fedgate.errors import PeerUnavailableError, StoreFullError
+from fedgate.errors import MessageTooLargeError, PeerUnavailableError, StoreFullError
 from fedgate.proxy.carrier import ByteChannel, ChannelHandler
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.store_api import OutboxItem
@@ -86,6 +86,8 @@ class MemoryInbox:
         self.appended_bytes = 0
         """Payload bytes ever staged with append_partial (resume keeps this near the payload size)."""
         self.full_refusals = 0
+        self.max_message: int | None = None
+        """Largest payload ``deliver`` takes; larger ones raise MessageTooLargeError."""
 
     def _check_space(self) -> None:
         if self.full:
@@ -97,6 +99,8 @@ class MemoryInbox:
         if envelope.message_id in self.seen:
             self.duplicates += 1
             return False
+        if self.max_message is not None and envelope.size > self.max_message:
+            raise MessageTooLargeError(f"{envelope.size} bytes is over the inbox limit of {self.max_message}")
         self._check_space()
         self.seen.add(envelope.message_id)
         self.queues[(envelope.session_id, envelope.topic)].append(envelope)

@@ -199,3 +199,16 @@ def test_messages_the_peer_must_refuse_are_dead_lettered_not_retried_forever() -
             assert r.sender.statistics().messages_rejected == 2 and r.sender.statistics().reconnects == 0
 
     asyncio.run(main())
+
+
+def test_a_message_the_store_can_never_take_is_rejected_not_retried() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.inbox.max_message = 1000
+            await r.outbox.put(RECEIVER, message(1, 5000, "t"))
+            await r.outbox.put(RECEIVER, message(2, 500, "t"))
+            await wait_for(lambda: len(r.outbox.acked) == 2)
+            assert r.inbox.order == ["m00002"]
+            assert r.sender.statistics().messages_rejected == 1 and r.sender.statistics().reconnects == 0
+
+    asyncio.run(main())
