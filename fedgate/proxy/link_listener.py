@@ -118,11 +118,12 @@ class LinkListener:
                 session.conn.finish(event)
             return False
         old = self._by_party.get(party)
-        if old is not None and old.terminated is None:
+        if old is None:
+            if self._metrics:
+                self._metrics.inbound_connections.labels(party).inc()
+        elif old.terminated is None:  # the gauge is handed over, not counted twice
             old.core.close(now=old.now(), code="replaced", reason="a newer connection from the same party")
             old.finish(ConnectionTerminated("replaced", "a newer connection from the same party", by_peer=False))
-        elif self._metrics:
-            self._metrics.inbound_connections.labels(party).inc()
         self._by_party[party] = session.conn
         return True
 

@@ -245,7 +245,10 @@ class LinkSender:
             self._last_error = f"{why.code}: {why.reason}"
             level = logging.ERROR if why.code == "unauthorized" else logging.WARNING
             log.log(level, "link to party %s at %s ended: %s", self.peer, channel.description, self._last_error)
-        await self._flush_acks()
+        try:
+            await self._flush_acks()
+        except (FedgateError, OSError) as exc:  # they stay in the outbox: resent, and the peer dedups them
+            log.warning("link to party %s: recording acknowledgements failed: %s", self.peer, exc)
         return opened
 
     async def _on_event(self, event: LinkEvent) -> None:

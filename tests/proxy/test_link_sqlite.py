@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import fedgate
 from fedgate.config import StoreConfig
 from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
 from fedgate.proxy.envelope import Envelope
@@ -31,6 +32,7 @@ from fedgate.proxy.link_sender import LinkSender, carrier_dial
 from fedgate.proxy.store import SqliteStore, outbox_of
 from fedgate.proxy.tcp_carrier import TcpCarrier
 
+REPO = pathlib.Path(fedgate.__file__).resolve().parent.parent
 SENDER, RECEIVER = "9999", "10000"
 K_MIB = 1024 * 1024
 BIG = 48 * K_MIB
@@ -164,7 +166,10 @@ class Child:
     def __init__(self, role: str, db: pathlib.Path, port: int, certs: pathlib.Path, put: list[Any]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, role, str(db), str(port), str(certs), json.dumps(put)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={
+                **os.environ, "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            })
         self.last: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
