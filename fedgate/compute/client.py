@@ -55,11 +55,11 @@ class HeClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         """One raw call (msgpack map in, map out)."""
-        rpc = self._channel.unary_unary(f"/{K_SERVICE}/{method}")
+        rpc = self._channel.unary_unary(f"/{K_SERVICE}/{method}", request_serializer=None, response_deserializer=None)
         try:
             raw = await rpc(msgpack.packb(request, use_bin_type=True), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:

@@ -34,9 +34,11 @@ from typing import Any
 import gmpy2
 from gmpy2 import mpz
 
+from fedgate.compute import ifma
 from fedgate.compute.api import BackendStats
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.djn import DjnTable, RandomnessPool
+from fedgate.compute.ifma import MultiBufferModexp
 from fedgate.compute.limbs import LimbBuffer, from_limbs, to_limbs
 from fedgate.compute.paillier import (
     PublicKey,
@@ -45,6 +47,7 @@ from fedgate.compute.paillier import (
     mul_scalar_raw,
     random_rn,
     random_rn_crt,
+    random_unit,
 )
 from fedgate.errors import InvalidRequestError, LocalError
 
@@ -56,11 +59,24 @@ Job = tuple[Any, ...]
 
 
 class _Engine:
-    """Per-process arithmetic with cached DJN tables (one per modulus)."""
+    """Per-process arithmetic with cached DJN tables (one per modulus) and the optional IFMA library."""
 
     def __init__(self) -> None:
         self._tables: dict[int, DjnTable] = {}
         self._lock = threading.Lock()
+        self._mb: MultiBufferModexp | None = None
+        self._mb_checked = False
+        self.mb_reason = "not requested"
+
+    def accel(self, wanted: bool) -> MultiBufferModexp | None:
+        """The crypto_mb accelerator when ``wanted`` and available (loaded once per process)."""
+        if not wanted:
+            return None
+        with self._lock:
+            if not self._mb_checked:
+                self._mb, self.mb_reason = ifma.load()
+                self._mb_checked = True
+        return self._mb
 
     def table(self, pk: PublicKey, window: int) -> DjnTable:
         with self._lock:
@@ -69,34 +85,60 @@ class _Engine:
                 table = self._tables[pk.n] = DjnTable(pk, window=window)
             return table
 
-    def fresh_rn(self, pk: PublicKey, sk: SecretKey | None, count: int, short_exp: bool, window: int) -> list[mpz]:
+    def fresh_rn(
+        self, pk: PublicKey, sk: SecretKey | None, count: int, short_exp: bool, window: int, use_ifma: bool
+    ) -> list[mpz]:
         if short_exp:
             table = self.table(pk, window)
             return [table.random_rn() for _ in range(count)]
-        if sk is not None:
-            return [random_rn_crt(sk) for _ in range(count)]
-        return [random_rn(pk) for _ in range(count)]
+        mb = self.accel(use_ifma)
+        if mb is None:
+            if sk is not None:
+                return [random_rn_crt(sk) for _ in range(count)]
+            return [random_rn(pk) for _ in range(count)]
+        rs = [random_unit(pk.n) for _ in range(count)]
+        if sk is None:
+            return [mpz(v) for v in mb.powm(rs, pk.n, pk.n2)]
+        xps = mb.powm(rs, sk.n_mod_pphi, sk.p2)
+        xqs = mb.powm(rs, sk.n_mod_qphi, sk.q2)
+        p2, q2, inv = mpz(sk.p2), mpz(sk.q2), mpz(sk.p2_inv_q2)
+        return [xp + p2 * ((xq - xp) * inv % q2) for xp, xq in zip(xps, xqs)]
+
+    def decrypt(self, sk: SecretKey, cs: list[int], use_ifma: bool) -> list[mpz]:
+        mb = self.accel(use_ifma)
+        if mb is None:
+            return [decrypt_raw(sk, c) for c in cs]
+        p, q = mpz(sk.p), mpz(sk.q)
+        xps = mb.powm([c % sk.p2 for c in cs], sk.p - 1, sk.p2)
+        xqs = mb.powm([c % sk.q2 for c in cs], sk.q - 1, sk.q2)
+        hp, hq, pinv = mpz(sk.hp), mpz(sk.hq), mpz(sk.p_inv_q)
+        out = []
+        for xp, xq in zip(xps, xqs):
+            mp = (xp - 1) // p * hp % p
+            mq = (xq - 1) // q * hq % q
+            out.append(mp + p * ((mq - mp) * pinv % q))
+        return out
 
     def run(self, job: Job) -> bytes:
         op = job[0]
         if op == "enc":
-            _, n, pq, data, short_exp, window = job
+            _, n, pq, data, short_exp, window, use_ifma = job
             pk = PublicKey(n)
             sk = SecretKey(*pq) if pq else None
             ms = from_limbs(LimbBuffer(data, pk.plain_width))
-            rns = self.fresh_rn(pk, sk, len(ms), short_exp, window)
+            rns = self.fresh_rn(pk, sk, len(ms), short_exp, window, use_ifma)
             n_, n2 = mpz(n), mpz(pk.n2)
             return to_limbs(((1 + m * n_) * rn % n2 for m, rn in zip(ms, rns)), pk.cipher_width).data
         if op == "rn":
-            _, n, pq, count, short_exp, window = job
+            _, n, pq, count, short_exp, window, use_ifma = job
             pk = PublicKey(n)
             sk = SecretKey(*pq) if pq else None
-            return to_limbs(self.fresh_rn(pk, sk, count, short_exp, window), pk.cipher_width).data
+            return to_limbs(self.fresh_rn(pk, sk, count, short_exp, window, use_ifma), pk.cipher_width).data
         if op == "dec":
-            _, pq, data = job
+            _, pq, data, use_ifma = job
             sk = SecretKey(*pq)
             cs = from_limbs(LimbBuffer(data, sk.public.cipher_width))
-            return to_limbs((decrypt_raw(sk, c) for c in cs), sk.public.plain_width).data
+            return to_limbs(self.decrypt(sk, cs, use_ifma), sk.public.plain_width).data
         if op == "mul":
             _, n, cdata, kdata = job
             pk = PublicKey(n)
@@ -193,8 +235,9 @@ class CpuBackend:
         head = [(1 + m * n) * rn % n2 for m, rn in zip(ms, pooled)]
         rest = plaintexts.slice(len(pooled), len(ms))
         pq = (sk.p, sk.q) if sk is not None else None
+        cfg = self._config
         jobs: list[Job] = [
-            ("enc", pk.n, pq, rest.slice(a, b).data, self._config.short_exponent, self._config.djn_window)
+            ("enc", pk.n, pq, rest.slice(a, b).data, cfg.short_exponent, cfg.djn_window, cfg.cpu_ifma)
             for a, b in self._chunks(rest.count)
         ]
         tail = self._map(jobs) if rest.count else []
@@ -205,7 +248,8 @@ class CpuBackend:
         self._check(ciphertexts, pk.cipher_width, "ciphertexts")
         self._counts["dec"] += ciphertexts.count
         jobs: list[Job] = [
-            ("dec", (sk.p, sk.q), ciphertexts.slice(a, b).data) for a, b in self._chunks(ciphertexts.count)
+            ("dec", (sk.p, sk.q), ciphertexts.slice(a, b).data, self._config.cpu_ifma)
+            for a, b in self._chunks(ciphertexts.count)
         ]
         return LimbBuffer(b"".join(self._map(jobs)), pk.plain_width)
 
@@ -264,7 +308,7 @@ class CpuBackend:
         pq = (sk.p, sk.q) if sk is not None else None
         cfg = self._config
         jobs: list[Job] = [
-            ("rn", pk.n, pq, b - a, cfg.short_exponent, cfg.djn_window) for a, b in self._chunks(deficit)
+            ("rn", pk.n, pq, b - a, cfg.short_exponent, cfg.djn_window, cfg.cpu_ifma) for a, b in self._chunks(deficit)
         ]
         values = [v for data in self._map(jobs) for v in from_limbs(LimbBuffer(data, pk.cipher_width))]
         pool.add([mpz(v) for v in values])
@@ -281,7 +325,8 @@ class CpuBackend:
 
     def statistics(self) -> BackendStats:
         c = self._counts
-        device = f"gmpy2 x {self._workers} process{'es' if self._workers > 1 else ''}"
+        accel = " + crypto_mb IFMA" if self._engine.accel(self._config.cpu_ifma) is not None else ""
+        device = f"gmpy2{accel} x {self._workers} process{'es' if self._workers > 1 else ''}"
         return BackendStats("cpu", device, c["enc"], c["dec"], c["eval"], c["pool"])
 
     def close(self) -> None:

@@ -111,7 +111,7 @@ class FixedPointCoder:
         """The plaintext factor 16^(from_exp - to_exp) that lowers an exponent (``to_exp <= from_exp``)."""
         if to_exp > from_exp:
             raise InvalidRequestError("an exponent can only be lowered")
-        return K_BASE ** (from_exp - to_exp)
+        return 1 << (K_LOG2_BASE * (from_exp - to_exp))
 
     # -- packing --------------------------------------------------------------------------------
     def pack_floats(self, values: Sequence[float], *, offset_bit: int, pack_num: int, precision: int) -> list[int]:

@@ -287,8 +287,18 @@ class FpgaBackend:
     def name(self) -> str:
         return "fpga"
 
-    def _batch(self, op: Op, a: Sequence[int], a_shared: bool, b: Sequence[int], b_shared: bool,
-               b_width: int, modulus: int, width: int, count: int) -> list[int]:
+    def _batch(
+        self,
+        op: Op,
+        a: Sequence[int],
+        a_shared: bool,
+        b: Sequence[int],
+        b_shared: bool,
+        b_width: int,
+        modulus: int,
+        width: int,
+        count: int,
+    ) -> list[int]:
         """Run one logical batch as as many jobs as the card needs, all submitted before waiting."""
         step = self._device.max_batch
         ids = []
@@ -386,8 +396,17 @@ class FpgaBackend:
         if base.count != exponent.count:
             raise InvalidRequestError(f"batch sizes differ: {base.count} != {exponent.count}")
         self._counts["eval"] += base.count
-        out = self._batch("powm", from_limbs(base), False, from_limbs(exponent), False, exponent.width, modulus,
-                          base.width, base.count)
+        out = self._batch(
+            "powm",
+            from_limbs(base),
+            False,
+            from_limbs(exponent),
+            False,
+            exponent.width,
+            modulus,
+            base.width,
+            base.count,
+        )
         return to_limbs(out, base.width)
 
     def statistics(self) -> BackendStats:

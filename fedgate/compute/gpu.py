@@ -267,12 +267,11 @@ class GpuBackend:
         if state.djn_table is not None:
             return
         table = DjnTable(pk, window=K_GPU_WINDOW)
-        r = 1 << (32 * pk.cipher_width)
-        rows = table._rows  # the host table, converted once into Montgomery form
-        flat = [int(v) * r % pk.n2 for row in rows for v in row]
-        arr = np.frombuffer(
-            b"".join(v.to_bytes(pk.cipher_width * 4, "little") for v in flat), dtype="<u4"
-        ).astype(np.uint32)
+        rows = table.montgomery_rows(pk.cipher_width)
+        flat = [v for row in rows for v in row]
+        arr = np.frombuffer(b"".join(v.to_bytes(pk.cipher_width * 4, "little") for v in flat), dtype="<u4").astype(
+            np.uint32
+        )
         state.djn_table = self._device.upload(arr)
         state.djn_nwin = len(rows)
         state.djn_exp_bits = table.exponent_bits
@@ -367,7 +366,17 @@ class GpuBackend:
         count = base.count
         self._counts["eval"] += count
         ctx = mont_context(modulus, nl)
-        args = [as_array(base), base.width, base.width, as_array(exponent), exponent.width, exponent.width, ctx, nl, count]
+        args = [
+            as_array(base),
+            base.width,
+            base.width,
+            as_array(exponent),
+            exponent.width,
+            exponent.width,
+            ctx,
+            nl,
+            count,
+        ]
         out = self._run("fg_powm", count, (count, nl), args, nl)
         padded = np.zeros((count, base.width), dtype=np.uint32)
         padded[:, :nl] = out

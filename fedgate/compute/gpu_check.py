@@ -19,11 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from fedgate.compute.api import HeBackend
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.cpu import CpuBackend
 from fedgate.compute.limbs import LimbBuffer, to_limbs
-from fedgate.compute.paillier import generate_keypair
+from fedgate.compute.paillier import PublicKey, SecretKey, generate_keypair
 from fedgate.compute.testing import check_backend
+from fedgate.errors import FedgateError
 
 __all__ = ["main"]
 
@@ -50,6 +52,72 @@ def _plain(pk_n: int, width: int, count: int) -> LimbBuffer:
     return to_limbs((secrets.randbelow(pk_n) for _ in range(count)), width)
 
 
+def _timings(
+    pk: PublicKey,
+    sk: SecretKey,
+    gpu_djn: HeBackend,
+    gpu_txt: HeBackend,
+    cpu: CpuBackend,
+    *,
+    start: int,
+    min_seconds: float,
+) -> list[tuple[str, float, int, float]]:
+    """(op, gpu kops, gpu batch, cpu kops) rows for one key."""
+    rows: list[tuple[str, float, int, float]] = []
+    cpu_txt = CpuBackend(ComputeConfig(workers=1, short_exponent=False))
+
+    def plain(k: int) -> object:
+        return _plain(pk.n, pk.plain_width, k)
+
+    def cts(k: int) -> object:
+        return cpu.encrypt(pk, _plain(pk.n, pk.plain_width, k), obfuscate=False)
+
+    def pairs(k: int) -> object:
+        c = cts(k)
+        return c, c
+
+    def with_scalars(k: int) -> object:
+        return cts(k), to_limbs((secrets.randbits(64) for _ in range(k)), pk.plain_width)
+
+    def call(fn: Callable[..., object]) -> Callable[[object], object]:
+        return lambda d: fn(*d) if isinstance(d, tuple) else fn(d)
+
+    Op = tuple[str, Callable[[int], object], Callable[[object], object], Callable[[object], object], int]
+    ops: list[Op] = [
+        (
+            "encrypt (DJN fixed base)",
+            plain,
+            call(lambda d: gpu_djn.encrypt(pk, d)),
+            call(lambda d: cpu.encrypt(pk, d)),
+            64,
+        ),
+        (
+            "encrypt (textbook r^n)",
+            plain,
+            call(lambda d: gpu_txt.encrypt(pk, d)),
+            call(lambda d: cpu_txt.encrypt(pk, d)),
+            16,
+        ),
+        ("decrypt (CRT)", cts, call(lambda d: gpu_djn.decrypt(sk, d)), call(lambda d: cpu.decrypt(sk, d)), 64),
+        ("add", pairs, call(lambda a, b: gpu_djn.add(pk, a, b)), call(lambda a, b: cpu.add(pk, a, b)), 4096),
+        (
+            "mul 64-bit scalar",
+            with_scalars,
+            call(lambda c, k: gpu_djn.mul_scalar(pk, c, k)),
+            call(lambda c, k: cpu.mul_scalar(pk, c, k)),
+            256,
+        ),
+    ]
+    for label, prep, gfn, cfn, cpu_start in ops:
+        gfn(prep(min(256, start)))  # warm-up: kernel compilation, key tables
+        g_kops, g_n = _rate(prep, gfn, start, min_seconds)
+        c_start = cpu_start if pk.bits <= 1024 else max(8, cpu_start // 8)
+        c_kops, _ = _rate(prep, cfn, c_start, min_seconds)
+        rows.append((label, g_kops, g_n, c_kops))
+    cpu_txt.close()
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedgate-gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[1024, 2048], help="key sizes")
@@ -73,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gpu-check: no CUDA device visible to CuPy (pip install 'fedgate[gpu]' on a GPU host)")
         return 2
     else:
-        device = gpu.CupyDevice(args.device)
+        try:
+            device = gpu.CupyDevice(args.device)
+        except FedgateError as exc:
+            print(f"gpu-check: {exc}")
+            return 2
     print(f"gpu-check on {device.name}")
     gpu_djn = gpu.GpuBackend(ComputeConfig(short_exponent=True), device)
     gpu_txt = gpu.GpuBackend(ComputeConfig(short_exponent=False), device)
@@ -93,45 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ks = to_limbs((secrets.randbits(64) for _ in range(512)), pk.plain_width)
             assert gpu_djn.mul_scalar(pk, c_ct, ks).data == cpu.mul_scalar(pk, c_ct, ks).data, "mul differs"
             print(f"[{bits}] correctness: conformance suite (djn + textbook) and cpu cross-checks passed")
-        except AssertionError as exc:
+        except (AssertionError, FedgateError) as exc:
             failures += 1
             print(f"[{bits}] FAILED: {exc}")
             continue
         if args.quick:
             continue
-        start = args.start
-        rows: list[tuple[str, float, int, float]] = []
-        cpu_txt = CpuBackend(ComputeConfig(workers=1, short_exponent=False))
-
-        def plain(k: int) -> object:
-            return _plain(pk.n, pk.plain_width, k)
-
-        def cts(k: int) -> object:
-            return cpu.encrypt(pk, _plain(pk.n, pk.plain_width, k), obfuscate=False)
-
-        def pairs(k: int) -> object:
-            c = cts(k)
-            return c, c
-
-        def with_scalars(k: int) -> object:
-            return cts(k), to_limbs((secrets.randbits(64) for _ in range(k)), pk.plain_width)
-
-        Op = tuple[str, Callable[[int], object], Callable[[object], object], Callable[[object], object], int]
-        ops: list[Op] = [
-            ("encrypt (DJN fixed base)", plain, lambda d: gpu_djn.encrypt(pk, d), lambda d: cpu.encrypt(pk, d), 64),
-            ("encrypt (textbook r^n)", plain, lambda d: gpu_txt.encrypt(pk, d), lambda d: cpu_txt.encrypt(pk, d), 16),
-            ("decrypt (CRT)", cts, lambda d: gpu_djn.decrypt(sk, d), lambda d: cpu.decrypt(sk, d), 64),
-            ("add", pairs, lambda d: gpu_djn.add(pk, *d), lambda d: cpu.add(pk, *d), 4096),
-            ("mul 64-bit scalar", with_scalars, lambda d: gpu_djn.mul_scalar(pk, *d),
-             lambda d: cpu.mul_scalar(pk, *d), 256),
-        ]
-        for label, prep, gfn, cfn, cpu_start in ops:
-            gfn(prep(min(256, start)))  # warm-up: kernel compilation, key tables
-            g_kops, g_n = _rate(prep, gfn, start, args.min_seconds)
-            c_start = cpu_start if bits <= 1024 else max(8, cpu_start // 8)
-            c_kops, _ = _rate(prep, cfn, c_start, args.min_seconds)
-            rows.append((label, g_kops, g_n, c_kops))
-        cpu_txt.close()
+        rows = _timings(pk, sk, gpu_djn, gpu_txt, cpu, start=args.start, min_seconds=args.min_seconds)
         print(f"[{bits}] {'op':<26} {'gpu kops':>10} {'batch':>8} {'cpu 1-core kops':>16} {'gpu/cpu':>8}")
         for label, g_kops, g_n, c_kops in rows:
             print(f"[{bits}] {label:<26} {g_kops:>10.1f} {g_n:>8} {c_kops:>16.2f} {g_kops / c_kops:>8.1f}")

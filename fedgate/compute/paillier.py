@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import gmpy2
 from gmpy2 import mpz
 
-from fedgate.errors import InvalidRequestError
 from fedgate.compute.limbs import limbs_for_bits
+from fedgate.errors import InvalidRequestError
 
 __all__ = [
     "K_MIN_KEY_BITS",
@@ -38,6 +38,7 @@ __all__ = [
     "mul_scalar_raw",
     "random_rn",
     "random_rn_crt",
+    "random_unit",
 ]
 
 K_MIN_KEY_BITS = 1024  # bits; anything shorter is refused
@@ -169,22 +170,22 @@ def generate_keypair(bits: int) -> tuple[PublicKey, SecretKey]:
         return sk.public, sk
 
 
-def random_rn(pk: PublicKey) -> mpz:
-    """A fresh r^n mod n^2 with r uniform in Z_n^* (textbook, public-key only)."""
-    n = pk.n
+def random_unit(n: int) -> int:
+    """r uniform in Z_n^* (from :mod:`secrets`)."""
     while True:
         r = secrets.randbelow(n - 1) + 1
         if gmpy2.gcd(r, n) == 1:
-            return gmpy2.powmod(r, n, pk.n2)
+            return r
+
+
+def random_rn(pk: PublicKey) -> mpz:
+    """A fresh r^n mod n^2 with r uniform in Z_n^* (textbook, public-key only)."""
+    return gmpy2.powmod(random_unit(pk.n), pk.n, pk.n2)
 
 
 def random_rn_crt(sk: SecretKey) -> mpz:
     """A fresh r^n mod n^2 for the key owner: two half-size exponentiations joined by CRT."""
-    n = sk.public.n
-    while True:
-        r = secrets.randbelow(n - 1) + 1
-        if gmpy2.gcd(r, n) == 1:
-            break
+    r = random_unit(sk.public.n)
     xp = gmpy2.powmod(r, sk.n_mod_pphi, sk.p2)
     xq = gmpy2.powmod(r, sk.n_mod_qphi, sk.q2)
     return xp + sk.p2 * ((xq - xp) * sk.p2_inv_q2 % sk.q2)

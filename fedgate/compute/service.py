@@ -201,8 +201,13 @@ class HeService:
     async def stats(self, req: dict[str, Any]) -> dict[str, Any]:
         s = self.backend.statistics()
         return {
-            "backend": s.name, "device": s.device, "keys": len(self.keys), "encrypted": s.encrypted,
-            "decrypted": s.decrypted, "evaluated": s.evaluated, "pool_served": s.pool_served,
+            "backend": s.name,
+            "device": s.device,
+            "keys": len(self.keys),
+            "encrypted": s.encrypted,
+            "decrypted": s.decrypted,
+            "evaluated": s.evaluated,
+            "pool_served": s.pool_served,
         }
 
     async def aclose(self) -> None:
@@ -228,7 +233,7 @@ def _pack(obj: dict[str, Any]) -> bytes:
     return data
 
 
-def _rpc(name: str, handler: Handler) -> grpc.RpcMethodHandler:
+def _rpc(name: str, handler: Handler) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
             return _pack(await handler(_unpack(request)))

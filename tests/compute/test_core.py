@@ -86,7 +86,7 @@ def test_djn_table_matches_powmod_and_is_fresh(keys1024: KeyPair) -> None:
 def test_randomness_pool_hands_each_value_out_once() -> None:
     pool = RandomnessPool(10, low_water=0.5)
     counter = iter(range(1000))
-    assert pool.fill(lambda: next(counter)) == 10  # type: ignore[arg-type,return-value]
+    assert pool.fill(lambda: next(counter)) == 10
     first = pool.take(4)
     assert pool.deficit() == 0 and len(pool) == 6
     second = pool.take(100)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -11,13 +13,15 @@ from fedgate.compute.cpu import CpuBackend
 from fedgate.compute.limbs import from_limbs, to_limbs
 from fedgate.compute.paillier import decrypt_raw
 from fedgate.compute.testing import K_CHECKS, Check, check_backend
+from fedgate.errors import InvalidRequestError
 
 from .conftest import KeyPair
 
 CONFIGS = {
     "djn-inproc": ComputeConfig(workers=1, short_exponent=True),
-    "textbook-inproc": ComputeConfig(workers=1, short_exponent=False),
-    "djn-2proc-pool": ComputeConfig(workers=2, parallel_min_batch=8, pool_size=16, djn_window=6),
+    "textbook-gmpy2": ComputeConfig(workers=1, short_exponent=False, cpu_ifma=False),
+    "textbook-ifma-if-present": ComputeConfig(workers=1, short_exponent=False, cpu_ifma=True),
+    "djn-2proc-pool": ComputeConfig(workers=2, parallel_min_batch=8, pool_size=16, djn_window=6, cpu_ifma=False),
 }
 
 
@@ -63,3 +67,32 @@ def test_check_backend_runs_everything(keys1024: KeyPair) -> None:
     check_backend(b, [keys1024])
     stats = b.statistics()
     assert stats.name == "cpu" and stats.encrypted > 0 and stats.decrypted > 0 and stats.evaluated > 0
+
+
+def test_crypto_mb_matches_gmpy2_when_present(keys1024: KeyPair) -> None:
+    from fedgate.compute import ifma
+
+    mb, reason = ifma.load()
+    if mb is None:
+        pytest.skip(f"crypto_mb not usable here: {reason}")
+    pk, sk = keys1024
+    bases = [0, 1, sk.p2 - 1] + [secrets.randbits(2048) for _ in range(10)]  # unreduced bases too
+    assert mb.powm(bases, sk.p - 1, sk.p2) == [pow(b, sk.p - 1, sk.p2) for b in bases]
+    exps = [secrets.randbits(1024) for _ in bases]
+    assert mb.powm(bases, exps, pk.n2) == [pow(b, e, pk.n2) for b, e in zip(bases, exps)]
+    assert mb.powm([], 5, pk.n2) == []
+    with pytest.raises(InvalidRequestError):
+        mb.powm([2], 3, 1 << 5000 | 1)
+    b = CpuBackend(ComputeConfig(workers=1, cpu_ifma=True))
+    assert "crypto_mb" in b.statistics().device
+
+
+def test_crypto_mb_loader_explains_absence(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    from fedgate.compute import ifma
+
+    monkeypatch.setattr(ifma, "_cpu_has_ifma", lambda: False)
+    assert ifma.load() == (None, "the CPU does not report avx512ifma")
+    monkeypatch.setattr(ifma, "_cpu_has_ifma", lambda: True)
+    monkeypatch.setattr(ifma, "_search_dirs", lambda: [tmp_path])
+    mb, reason = ifma.load()
+    assert mb is None and "libcrypto_mb.so not found" in reason

@@ -98,13 +98,16 @@ def test_mixed_exponents_align_like_fate(backend: CpuBackend) -> None:
 
 
 def test_plaintext_vectors_and_integers_both_ways() -> None:
-    fsk, fpk, fcoder = fp.keygen(1024)
+    _, fpk, fcoder = fp.keygen(1024)
     pk = fate.load_public_key(fpk.__getstate__())
     pts = fcoder.encode_i64_vec(np.array([5, -6, 0, 2**40], dtype=np.int64))
     ours = fate.load_plaintexts(pts.__getstate__(), pk)
     coder = FixedPointCoder(pk.n)
     assert [coder.decode_i64(Encoded(r, e)) for r, e in zip(from_limbs(ours.data), ours.exps)] == [
-        5, -6, 0, 2**40,
+        5,
+        -6,
+        0,
+        2**40,
     ]
     vec = fp.PlaintextVector()
     vec.__setstate__(fate.dump_plaintexts(ours, pk))
@@ -112,7 +115,7 @@ def test_plaintext_vectors_and_integers_both_ways() -> None:
 
 
 def test_packing_matches_fate() -> None:
-    fsk, fpk, fcoder = fp.keygen(1024)
+    _, fpk, fcoder = fp.keygen(1024)
     pk = fate.load_public_key(fpk.__getstate__())
     values = [0.5, 0.25, 1.0, 3.75, 0.0, 2.5, 1.125]
     theirs = fate.load_plaintexts(fcoder.pack_floats(values, 40, 3, 20).__getstate__(), pk)

@@ -19,7 +19,7 @@ def test_unknown_backend_lists_valid_names() -> None:
 
 
 def test_config_rejects_unknown_backend_and_keys() -> None:
-    with pytest.raises(ConfigError, match="compute.backend"):
+    with pytest.raises(ConfigError, match=r"compute\.backend"):
         build(ComputeConfig, {"backend": "tpu"}, path="compute")
     with pytest.raises(ConfigError, match="unknown key"):
         build(ComputeConfig, {"bakend": "cpu"}, path="compute")

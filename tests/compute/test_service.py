@@ -106,7 +106,9 @@ def test_bad_requests_fail_with_status() -> None:
                     await he.encrypt(pk, to_limbs([1] * 1001, pk.plain_width))
                 with pytest.raises(InvalidRequestError):
                     await he.call("GenerateKey", {"bits": 512})
-                rpc = he._channel.unary_unary("/fedgate.compute.HeOffload/Stats")
+                rpc = he._channel.unary_unary(
+                    "/fedgate.compute.HeOffload/Stats", request_serializer=None, response_deserializer=None
+                )
                 with pytest.raises(Exception, match="malformed"):
                     await rpc(b"\xc1")
                 await he.generate_key(1024)
