@@ -22,7 +22,7 @@ pytestmark = pytest.mark.interop
 
 K_PARTIES = (("guest", "9999"), ("host", "10000"), ("arbiter", "10001"))
 K_ITERATIONS = 2
-K_DRIVER_TIMEOUT = 240.0  # seconds for all drivers of one test
+K_DRIVER_TIMEOUT = 120.0  # seconds for all drivers of one test (the broker caps pops at 60 s)
 K_FATE_POP_TIMEOUT_MS = 36_000_000  # what pyfate asks for in PopInbound.timeout
 
 

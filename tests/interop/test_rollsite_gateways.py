@@ -19,7 +19,7 @@ from tests.interop.harness import K_DRIVERS, DriverRun, Gateway, gateway_mesh, r
 pytestmark = pytest.mark.interop
 
 K_OBJECT_BYTES = 1_250_000  # bytes: 13 chunks of eggroll's 100,000-byte sendbuf, 2 streams of <= 10
-K_DRIVER_TIMEOUT = 180.0  # seconds
+K_DRIVER_TIMEOUT = 120.0  # seconds
 
 
 def _argv(action: str, port: int, session: str) -> list[str]:
