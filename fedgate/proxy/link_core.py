@@ -11,7 +11,9 @@ Rules of this module:
 4. After any exception the core moves to ``ERROR`` and stays there: ``receive_data`` turns the error
    into a :class:`ConnectionTerminated` event and queues a CLOSE frame saying why; later input is
    ignored and local calls raise. A malformed peer thus closes only its own link.
-5. Keepalive: each end sends PING every ``keepalive_s``; no bytes from the peer for three of the
+5. HELLO may carry the adapter's wall clock (``t``, seconds since the epoch, passed in as
+   ``wall_time``); the peer's shows up in :class:`HandshakeCompleted` for clock-skew checks.
+6. Keepalive: each end sends PING every ``keepalive_s``; no bytes from the peer for three of the
    peer's keepalive intervals is a ``timeout``.
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedgate.errors import FedgateError, LocalError, RemoteProtocolError
-from fedgate.proxy.link_events import ConnectionTerminated, LinkEvent, RttMeasured
+from fedgate.proxy.link_events import ConnectionTerminated, HandshakeCompleted, LinkEvent, RttMeasured
 from fedgate.proxy.link_frames import (
     CLOSE,
     HELLO,
@@ -104,7 +106,7 @@ class LinkCore:
 
     def __init__(
         self, params: LinkParams, *, now: float, expected_peer: str | None = None,
-        authenticated_peer: str | None = None,
+        authenticated_peer: str | None = None, wall_time: float | None = None,
     ) -> None:
         if params.window_bytes < params.chunk_bytes + K_FRAME_CHARGE:
             raise ValueError("window_bytes must hold at least one full chunk")
@@ -127,6 +129,7 @@ class LinkCore:
         self._close_code = ""
         self._pause = False
         """Set by a subclass to stop parsing after the current frame (see receive_data)."""
+        self._wall_time = wall_time
         self._emit(HELLO, self._hello())
 
     # -- input ------------------------------------------------------------------------------------------
@@ -224,10 +227,12 @@ class LinkCore:
         if not 0 < self._peer_keepalive <= 3600:
             raise LinkProtocolViolation("HELLO keepalive must be in (0, 3600] seconds")
         caps = frozenset(c for c in get_list(h, "caps", HELLO, default=[]) if isinstance(c, str))
-        self._on_handshake(h, caps, events)
+        peer_wall = get_float(h, "t", HELLO) if "t" in h else None
+        self._on_handshake(h)
+        events.append(HandshakeCompleted(party, self.version, caps, self.chunk_bytes, peer_wall))
 
-    def _on_handshake(self, h: dict[str, Any], caps: frozenset[str], events: list[LinkEvent]) -> None:
-        raise NotImplementedError
+    def _on_handshake(self, h: dict[str, Any]) -> None:
+        """Role-specific HELLO checks (the sender reads its credit here)."""
 
     def _on_frame(self, frame: Frame, now: float, events: list[LinkEvent]) -> None:
         raise NotImplementedError
@@ -237,6 +242,7 @@ class LinkCore:
             "magic": K_MAGIC, "v": list(K_VERSIONS), "party": self.params.local_party, "role": self.role,
             "caps": sorted(self.params.capabilities), "k": self.params.chunk_bytes,
             "w": self.params.window_bytes, "ka": self.params.keepalive_s, "m": self.params.max_message_bytes,
+            **({"t": self._wall_time} if self._wall_time is not None else {}),
         }
 
     # -- timers -----------------------------------------------------------------------------------------

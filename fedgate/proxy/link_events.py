@@ -41,6 +41,8 @@ class HandshakeCompleted:
     capabilities: frozenset[str]
     chunk_bytes: int
     """Negotiated largest payload chunk, in bytes."""
+    peer_wall_time: float | None = None
+    """The peer's wall clock when it sent HELLO (seconds since the epoch), if it said."""
 
 
 @dataclass(frozen=True, slots=True)

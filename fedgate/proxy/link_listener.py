@@ -14,7 +14,8 @@ Rules of this module:
    Returning a :class:`Rejection` is final: the message is not stored, the sender is told
    (ACK ``r``) and drops it from its outbox; the hook is where it gets recorded (ledger). A resent
    copy meets the same hook again, so a deterministic policy gives the same answer.
-5. A newer connection from the same party replaces the older one (``replaced``).
+5. A newer connection from the same party replaces the older one (``replaced``), except a probe
+   (HELLO capability ``probe``, sent by ``fedgate doctor``), which never carries messages.
 6. A message the store can never take (MessageTooLargeError) is rejected (rule ``store-limits``),
    final like an audit rejection, so it cannot wedge the link; set ``LinkParams.max_message_bytes``
    to the store's limit and senders drop such messages before sending them (HELLO ``m``).
@@ -26,6 +27,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,9 +41,11 @@ from fedgate.proxy.link_recv import LinkReceiverCore, plan_chunk
 from fedgate.proxy.link_session import LinkConnection
 from fedgate.proxy.store_api import Inbox
 
-__all__ = ["InboundHook", "LinkListener", "LinkListenerStatistics"]
+__all__ = ["K_PROBE_CAPABILITY", "InboundHook", "LinkListener", "LinkListenerStatistics"]
 
 log = logging.getLogger("fedgate.link")
+
+K_PROBE_CAPABILITY = "probe"  # HELLO capability of a diagnostic connection (fedgate doctor)
 
 InboundHook = Callable[[Envelope], Awaitable[Rejection | None]]
 """Inspect a complete inbound message: None accepts, a Rejection refuses it for good."""
@@ -90,7 +94,8 @@ class LinkListener:
     async def handle(self, channel: ByteChannel) -> None:
         """Serve one inbound channel until it ends."""
         loop = asyncio.get_running_loop()
-        core = LinkReceiverCore(self.params, now=loop.time(), authenticated_peer=channel.peer_party)
+        core = LinkReceiverCore(self.params, now=loop.time(), authenticated_peer=channel.peer_party,
+                                wall_time=time.time())
         session = _InboundSession(self, core, channel)
         self._open += 1
         try:
@@ -103,12 +108,14 @@ class LinkListener:
                 if self._metrics:
                     self._metrics.inbound_connections.labels(party).dec()
         if why.code not in ("normal", "shutdown", "replaced"):
-            log.warning("link from %s (party %s) ended: %s: %s", channel.description, core.peer_party, why.code,
-                        why.reason)
+            # A bare connect-and-close (a port check) is not worth a warning; a broken link is.
+            quiet = core.peer_party is None and why.code in ("eof", "io_error")
+            log.log(logging.INFO if quiet else logging.WARNING, "link from %s (party %s) ended: %s: %s",
+                    channel.description, core.peer_party, why.code, why.reason)
 
     # -- called by sessions -----------------------------------------------------------------------------
 
-    def _admit(self, session: _InboundSession, party: str) -> bool:
+    def _admit(self, session: _InboundSession, party: str, *, probe: bool) -> bool:
         if not self._allow(party):
             self._counts["refused"] += 1
             reason = f"refusing link from {session.conn.channel.description}: party {party!r} is not allowed"
@@ -117,6 +124,8 @@ class LinkListener:
             if event is not None:
                 session.conn.finish(event)
             return False
+        if probe:  # ``fedgate doctor``: checked like a link, but it must not replace the live one
+            return True
         old = self._by_party.get(party)
         if old is None:
             if self._metrics:
@@ -160,7 +169,7 @@ class _InboundSession:
             await self._on_chunk(event)
         elif isinstance(event, HandshakeCompleted):
             self.party = event.peer_party
-            self.listener._admit(self, event.peer_party)
+            self.listener._admit(self, event.peer_party, probe=K_PROBE_CAPABILITY in event.capabilities)
 
     async def _on_chunk(self, ev: ChunkReceived) -> None:
         listener, inbox, core = self.listener, self.listener._inbox, self.core

@@ -23,7 +23,7 @@ from typing import Any
 
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import K_FRAME_CHARGE, LinkCore, LinkParams, LinkProtocolViolation, LinkState
-from fedgate.proxy.link_events import ChunkReceived, HandshakeCompleted, LinkEvent
+from fedgate.proxy.link_events import ChunkReceived, LinkEvent
 from fedgate.proxy.link_frames import (
     ACK,
     CREDIT,
@@ -74,8 +74,10 @@ class LinkReceiverCore(LinkCore):
     role = "receiver"
     peer_role = "sender"
 
-    def __init__(self, params: LinkParams, *, now: float, authenticated_peer: str | None = None) -> None:
-        super().__init__(params, now=now, authenticated_peer=authenticated_peer)
+    def __init__(
+        self, params: LinkParams, *, now: float, authenticated_peer: str | None = None, wall_time: float | None = None
+    ) -> None:
+        super().__init__(params, now=now, authenticated_peer=authenticated_peer, wall_time=wall_time)
         self.outstanding = 0
         """Credit the sender has used and we have not returned yet, in bytes."""
         self.bytes_received = 0
@@ -134,10 +136,6 @@ class LinkReceiverCore(LinkCore):
             self._to_grant = 0
 
     # -- input ------------------------------------------------------------------------------------------
-
-    def _on_handshake(self, h: dict[str, Any], caps: frozenset[str], events: list[LinkEvent]) -> None:
-        assert self.peer_party is not None
-        events.append(HandshakeCompleted(self.peer_party, self.version, caps, self.chunk_bytes))
 
     def _on_frame(self, frame: Frame, now: float, events: list[LinkEvent]) -> None:
         if frame.type != MSG:

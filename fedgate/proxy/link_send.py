@@ -27,7 +27,6 @@ from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import K_FRAME_CHARGE, LinkCore, LinkParams, LinkProtocolViolation, LinkState
 from fedgate.proxy.link_events import (
     ChunkStored,
-    HandshakeCompleted,
     LinkEvent,
     MessagesAcked,
     Rejection,
@@ -71,9 +70,11 @@ class LinkSenderCore(LinkCore):
     peer_role = "receiver"
 
     def __init__(
-        self, params: LinkParams, *, now: float, expected_peer: str, authenticated_peer: str | None = None
+        self, params: LinkParams, *, now: float, expected_peer: str, authenticated_peer: str | None = None,
+        wall_time: float | None = None,
     ) -> None:
-        super().__init__(params, now=now, expected_peer=expected_peer, authenticated_peer=authenticated_peer)
+        super().__init__(params, now=now, expected_peer=expected_peer, authenticated_peer=authenticated_peer,
+                         wall_time=wall_time)
         self.credit = 0
         self.peer_max_message = 0
         """Largest payload the receiver accepts (HELLO ``m``), known once OPEN."""
@@ -150,13 +151,11 @@ class LinkSenderCore(LinkCore):
 
     # -- input ------------------------------------------------------------------------------------------
 
-    def _on_handshake(self, h: dict[str, Any], caps: frozenset[str], events: list[LinkEvent]) -> None:
+    def _on_handshake(self, h: dict[str, Any]) -> None:
         self.credit = get_int(h, "w", HELLO, lo=0, hi=2**40)
         self.peer_max_message = get_int(h, "m", HELLO, lo=0, hi=2**62)
         if self.credit < self.chunk_bytes + K_FRAME_CHARGE:
             raise LinkProtocolViolation(f"receiver window {self.credit} cannot hold one chunk of {self.chunk_bytes}")
-        assert self.peer_party is not None
-        events.append(HandshakeCompleted(self.peer_party, self.version, caps, self.chunk_bytes))
 
     def _on_frame(self, frame: Frame, now: float, events: list[LinkEvent]) -> None:
         h = frame.header

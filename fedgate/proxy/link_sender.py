@@ -101,6 +101,8 @@ class LinkSenderStatistics:
     """Age of the oldest of them, in seconds."""
     last_error: str
     endpoint: str
+    clock_skew_s: float | None
+    """Peer wall clock minus ours at the last handshake, in seconds (accurate to about one RTT)."""
 
 
 class LinkSender:
@@ -134,6 +136,7 @@ class LinkSender:
         """The current core's counters at the last metrics sync."""
         self._reconnects = 0
         self._rtt: float | None = None
+        self._skew: float | None = None
         self._depth: tuple[int, float | None] | None = None
         self._last_error = ""
         self._endpoint = ""
@@ -155,7 +158,7 @@ class LinkSender:
             bytes_sent=bytes_sent, messages_sent=messages_sent,
             peer=self.peer, state=self._state, connected=self._state == "open", reconnects=self._reconnects,
             rtt=self._rtt, outbox_depth=depth, oldest_age_s=None if oldest is None else max(0.0, time.time() - oldest),
-            last_error=self._last_error, endpoint=self._endpoint, **self._stats,
+            last_error=self._last_error, endpoint=self._endpoint, clock_skew_s=self._skew, **self._stats,
         )
 
     async def run(self) -> None:
@@ -217,7 +220,8 @@ class LinkSender:
         self._endpoint = channel.description
         loop = asyncio.get_running_loop()
         core = LinkSenderCore(
-            self.params, now=loop.time(), expected_peer=self.peer, authenticated_peer=channel.peer_party
+            self.params, now=loop.time(), expected_peer=self.peer, authenticated_peer=channel.peer_party,
+            wall_time=time.time(),
         )
         conn = LinkConnection(core, channel, self._on_event)
         self._opened = asyncio.Event()
@@ -286,6 +290,8 @@ class LinkSender:
             if m:
                 m.rtt.labels(self.peer).set(event.rtt)
         elif isinstance(event, HandshakeCompleted):
+            if event.peer_wall_time is not None:  # within about one RTT: HELLOs cross at connection start
+                self._skew = event.peer_wall_time - time.time()
             self._opened.set()
             self._state = "open"
             self._last_error = ""
