@@ -43,7 +43,7 @@ __all__ = ["Inspection", "PayloadInspector", "PayloadLimits", "object_name"]
 K_SPLIT_HEADER = struct.Struct("!QIIIIII")
 K_BIN_MAGIC = bytes.fromhex("46709394")  # EggRoll PairBinWriter magic
 K_BIN_HEAD = 16  # bytes: magic, version, two int32 zeros
-K_MAX_WRAPPER = 64 * 1024 * 1024  # bytes: largest pickled slice accepted from a table value
+K_MAX_DROPPED = 65536  # keys of dropped objects remembered (their later pieces are rejected)
 
 _TABLE_NAME = re.compile(r"^(?P<base>.*?)__table_persistent_(?P<kind>split|\d+)__$")
 
@@ -89,23 +89,34 @@ class Inspection:
 
 @dataclass(slots=True)
 class _Assembly:
+    """One object being reassembled: pieces are fed to ``walker`` in index order."""
+
     walker: PickleWalker
+    chunked: bool
+    """True for rollsite chunks: the stream starts with FATE's mode byte (then pickle or split header)."""
     next_index: int = 0
     pending: dict[int, bytes] = field(default_factory=dict)
     fed: int = 0
-    expected: int | None = None
+    """Pickle bytes fed so far (the mode byte and a split header are not pickle)."""
     last_seen: float = 0.0
-    mode_seen: bool = True
-    """False for rollsite objects: their first byte is FATE's mode byte, not pickle."""
-    inline: bool = True
+    mode: int | None = None
+    split_header: bytearray = field(default_factory=bytearray)
 
 
 class PayloadInspector:
-    """Stateful (bounded) inspector of a stream of envelopes; one per direction is fine."""
+    """Stateful (bounded) inspector of a stream of envelopes; one per direction.
+
+    Two kinds of reassembly share one bounded table: ``split`` (FATE's slice table, fed as pickle)
+    and ``chunks`` (a rollsite object, fed as FATE object bytes). An object dropped for a bound (idle,
+    too many objects, too many out-of-order bytes) is remembered (``K_MAX_DROPPED`` keys) so that its
+    later pieces are rejected rather than passed uninspected; a split header whose object was not
+    completely inspected is rejected too (FATE cannot rebuild the object without it).
+    """
 
     def __init__(self, *, limits: PayloadLimits = PayloadLimits()) -> None:
         self._limits = limits
         self._assemblies: OrderedDict[tuple[str, ...], _Assembly] = OrderedDict()
+        self._dropped: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._pending_bytes = 0
 
     @property
@@ -117,14 +128,15 @@ class PayloadInspector:
         return self._pending_bytes
 
     def inspect(self, envelope: Envelope, *, now: float) -> Inspection:
-        events: list[Event] = self._expire(now=now)
+        self._expire(now=now)
         if envelope.protocol == "rollsite":
-            return self._rollsite(envelope, events, now=now)
-        return self._osx(envelope, events, now=now)
+            return self._rollsite(envelope, now=now)
+        return self._osx(envelope, now=now)
 
     # -- OSX queue mode -----------------------------------------------------------------------------
 
-    def _osx(self, env: Envelope, events: list[Event], *, now: float) -> Inspection:
+    def _osx(self, env: Envelope, *, now: float) -> Inspection:
+        events: list[Event] = []
         base = ("osx", env.session_id, env.src_party, env.dst_party)
         try:
             msg = osx_pb2.Message.FromString(env.payload)
@@ -141,40 +153,29 @@ class PayloadInspector:
         body = msg.body
         if head.get("content_type") == "application/json":
             split = raw_name.endswith("__table_persistent_split__")
-            events.extend(self._table(body, key if split else None, now=now))
+            self._table(_json_pairs(body, events), key if split else None, events, now=now)
             return Inspection("osx", name, tag, "split_slice" if split else "table", key, None, tuple(events))
-        form, size = self._fate_object(body, key, events, now=now)
+        form, size = self._fate_object(body, key, events)
         return Inspection("osx", name, tag, form, key, size, tuple(events))
 
-    def _fate_object(
-        self, body: bytes, key: tuple[str, ...], events: list[Event], *, now: float
-    ) -> tuple[Form, int | None]:
+    def _fate_object(self, body: bytes, key: tuple[str, ...], events: list[Event]) -> tuple[Form, int | None]:
         if not body:
             events.append(Malformed("fate", "empty object bytes"))
             return "opaque", None
         if body[0] == 0:
-            walker = PickleWalker(limits=self._limits.pickle)
-            walker.feed(memoryview(body)[1:])
-            walker.close()
-            events.extend(walker.events())
+            events.extend(self._walk_whole(memoryview(body)[1:]))
             return "inline", len(body) - 1
         if body[0] == 1 and len(body) == 1 + K_SPLIT_HEADER.size:
-            total, *_ = K_SPLIT_HEADER.unpack_from(body, 1)
-            self._expect(key, total, events, now=now)
+            total = K_SPLIT_HEADER.unpack_from(body, 1)[0]
+            self._split_header(key, total, events)
             return "split_header", total
         events.append(Malformed("fate", f"unknown object mode byte {body[0]} ({len(body)} bytes)"))
         return "opaque", None
 
-    def _table(self, body: bytes, split_key: tuple[str, ...] | None, *, now: float) -> list[Event]:
-        events: list[Event] = []
-        try:
-            rows = json.loads(body)
-            if not isinstance(rows, list):
-                raise ValueError("not a JSON list")
-            pairs = [(bytes.fromhex(r["k"]), bytes.fromhex(r["v"])) for r in rows]
-        except (ValueError, TypeError, KeyError) as exc:
-            events.append(Malformed("table", f"not a JSON list of hex k/v pairs: {exc}"))
-            return events
+    def _table(
+        self, pairs: list[tuple[bytes, bytes]], split_key: tuple[str, ...] | None, events: list[Event], *, now: float
+    ) -> None:
+        """Rows of a table: each key and value is a pickle; split-table values are slices of one."""
         for k, v in pairs:
             if split_key is None:
                 events.extend(self._walk_whole(k))
@@ -184,10 +185,9 @@ class PayloadInspector:
             if not isinstance(index, int) or not isinstance(piece, bytes):
                 events.append(Malformed("table", "split slice key/value is not a pickled (int, bytes) pair"))
                 continue
-            events.extend(self._piece(split_key, index, piece, now=now))
-        return events
+            self._piece(("split", *split_key), index, piece, events, now=now)
 
-    def _walk_whole(self, data: bytes) -> list[Event]:
+    def _walk_whole(self, data: bytes | memoryview) -> list[Event]:
         walker = PickleWalker(limits=self._limits.pickle)
         walker.feed(data)
         walker.close()
@@ -195,7 +195,8 @@ class PayloadInspector:
 
     # -- rollsite stream mode ---------------------------------------------------------------------
 
-    def _rollsite(self, env: Envelope, events: list[Event], *, now: float) -> Inspection:
+    def _rollsite(self, env: Envelope, *, now: float) -> Inspection:
+        events: list[Event] = []
         base = ("rollsite", env.session_id, env.src_party, env.dst_party)
         try:
             packet = proxy_pb2.Packet.FromString(env.payload)
@@ -203,110 +204,132 @@ class PayloadInspector:
         except DecodeError as exc:
             events.append(Malformed("rollsite", f"not a Packet with a RollSiteHeader: {exc}"))
             return Inspection("rollsite", "", "", "opaque", base, None, tuple(events))
-        key = ("rollsite", rs.rollSiteSessionId, rs.srcPartyId, rs.dstPartyId, rs.name, rs.tag)
-        value = packet.body.value
-        if not value:
-            return Inspection("rollsite", rs.name, rs.tag, "opaque", key, None, tuple(events))
-        pairs = _bin_batch(value)
+        name = object_name(rs.name)
+        key = ("rollsite", rs.rollSiteSessionId, rs.srcPartyId, rs.dstPartyId, name, rs.tag)
+        pairs = _bin_batch(packet.body.value) if packet.body.value else []
         if pairs is None:
             events.append(Malformed("rollsite", "body is not an EggRoll bin batch"))
-            return Inspection("rollsite", rs.name, rs.tag, "opaque", key, None, tuple(events))
+            return Inspection("rollsite", name, rs.tag, "opaque", key, None, tuple(events))
         if rs.dataType == "rollpair":
-            for k, v in pairs:
-                events.extend(self._walk_whole(k))
-                events.extend(self._walk_whole(v))
-            return Inspection("rollsite", rs.name, rs.tag, "table", key, None, tuple(events))
+            split = rs.name.endswith("__table_persistent_split__")
+            self._table(pairs, key if split else None, events, now=now)
+            return Inspection("rollsite", name, rs.tag, "split_slice" if split else "table", key, None, tuple(events))
         for k, v in pairs:
-            events.extend(self._piece(key, int.from_bytes(k, "big"), v, now=now, fate_mode=True))
+            self._piece(("chunks", *key), int.from_bytes(k, "big"), v, events, now=now)
         if rs.stage == "finish_partition":
-            assembly = self._assemblies.get(key)
-            if assembly is not None:
-                self._expect(key, assembly.fed + sum(len(p) for p in assembly.pending.values()), events, now=now)
-        return Inspection("rollsite", rs.name, rs.tag, "chunk", key, None, tuple(events))
+            self._finish_chunks(key, events)
+        return Inspection("rollsite", name, rs.tag, "chunk", key, None, tuple(events))
 
     # -- reassembly -------------------------------------------------------------------------------
 
-    def _assembly(self, key: tuple[str, ...], *, now: float, fate_mode: bool) -> _Assembly:
-        assembly = self._assemblies.get(key)
+    def _piece(self, akey: tuple[str, ...], index: int, data: bytes, events: list[Event], *, now: float) -> None:
+        why = self._dropped.get(akey)
+        if why is not None:
+            events.append(ScanLimit("reassembly.dropped", f"object {akey[-2]!r} was dropped earlier: {why}"))
+            return
+        assembly = self._assemblies.get(akey)
         if assembly is None:
-            assembly = _Assembly(PickleWalker(limits=self._limits.pickle), mode_seen=not fate_mode)
-            self._assemblies[key] = assembly
-        self._assemblies.move_to_end(key)
+            assembly = _Assembly(PickleWalker(limits=self._limits.pickle), chunked=akey[0] == "chunks")
+            self._assemblies[akey] = assembly
+        self._assemblies.move_to_end(akey)
         assembly.last_seen = now
-        return assembly
-
-    def _piece(
-        self, key: tuple[str, ...], index: int, data: bytes, *, now: float, fate_mode: bool = False
-    ) -> list[Event]:
-        events: list[Event] = []
-        assembly = self._assembly(key, now=now, fate_mode=fate_mode)
         if index < assembly.next_index or index in assembly.pending:
-            events.append(Malformed("fate", f"piece {index} of {key[-2]!r} arrived twice"))
-            return events
+            events.append(Malformed("fate", f"piece {index} of {akey[-2]!r} arrived twice"))
+            return
         if index > assembly.next_index:
             if self._pending_bytes + len(data) > self._limits.max_pending_bytes:
-                events.append(ScanLimit("reassembly.bytes", f"out-of-order pieces over {self._pending_bytes}"))
-                self._drop(key)
-                return events
+                reason = f"out-of-order pieces over {self._limits.max_pending_bytes} bytes"
+                events.append(ScanLimit("reassembly.bytes", reason))
+                self._drop(akey, reason)
+                return
             assembly.pending[index] = data
             self._pending_bytes += len(data)
-            return events
+            return
         self._feed(assembly, data)
         while assembly.next_index in assembly.pending:
             piece = assembly.pending.pop(assembly.next_index)
             self._pending_bytes -= len(piece)
             self._feed(assembly, piece)
         events.extend(assembly.walker.events())
-        events.extend(self._maybe_finish(key, assembly))
         while len(self._assemblies) > self._limits.max_objects:
-            old, _ = next(iter(self._assemblies.items()))
-            events.append(ScanLimit("reassembly.objects", f"more than {self._limits.max_objects} open objects"))
-            self._drop(old)
-        return events
+            self._drop(next(iter(self._assemblies)), f"more than {self._limits.max_objects} open objects")
 
-    def _feed(self, assembly: _Assembly, data: bytes) -> None:
+    @staticmethod
+    def _feed(assembly: _Assembly, data: bytes) -> None:
         assembly.next_index += 1
         view = memoryview(data)
-        if not assembly.mode_seen and view:
-            assembly.mode_seen = True
-            assembly.inline = view[0] == 0
-            assembly.fed += 1
+        if assembly.chunked and assembly.mode is None and view:
+            assembly.mode = view[0]
             view = view[1:]
+        if assembly.chunked and assembly.mode != 0:
+            assembly.split_header += view[: 64 - len(assembly.split_header)]  # a split header is 32 bytes
+            return
         assembly.fed += len(view)
-        if assembly.inline:
-            assembly.walker.feed(view)
+        assembly.walker.feed(view)
 
-    def _expect(self, key: tuple[str, ...], total: int, events: list[Event], *, now: float) -> None:
-        assembly = self._assembly(key, now=now, fate_mode=False)
-        assembly.expected = total
-        events.extend(self._maybe_finish(key, assembly))
-
-    def _maybe_finish(self, key: tuple[str, ...], assembly: _Assembly) -> list[Event]:
-        if assembly.expected is None or assembly.fed < assembly.expected:
-            return []
-        events: list[Event] = []
-        if assembly.fed > assembly.expected:
-            events.append(Malformed("fate", f"object is {assembly.fed} bytes, header said {assembly.expected}"))
-        if assembly.inline:
+    def _split_header(self, key: tuple[str, ...], total: int, events: list[Event]) -> None:
+        """The object's slices must all have been inspected by the time its header passes."""
+        akey = ("split", *key)
+        assembly = self._assemblies.get(akey)
+        fed = assembly.fed if assembly is not None else 0
+        if assembly is not None and fed == total and not assembly.pending:
             assembly.walker.close()
-        events.extend(assembly.walker.events())
-        self._drop(key)
-        return events
+            events.extend(assembly.walker.events())
+            self._drop(akey, "")
+        elif fed > total:
+            events.append(Malformed("fate", f"object is over {fed} bytes, its split header says {total}"))
+            self._drop(akey, "size mismatch")
+        else:
+            why = self._dropped.get(akey) or f"{fed} of {total} bytes inspected"
+            events.append(ScanLimit("reassembly.incomplete", f"split header of {key[-2]!r} before its slices: {why}"))
+            self._drop(akey, "header before slices")
 
-    def _drop(self, key: tuple[str, ...]) -> None:
-        assembly = self._assemblies.pop(key, None)
+    def _finish_chunks(self, key: tuple[str, ...], events: list[Event]) -> None:
+        akey = ("chunks", *key)
+        assembly = self._assemblies.get(akey)
+        if assembly is None or assembly.pending:
+            if akey not in self._dropped:
+                events.append(ScanLimit("reassembly.incomplete", f"last chunk of {key[-2]!r} before the others"))
+            self._drop(akey, "last chunk before the others")
+            return
+        if assembly.mode == 0:
+            assembly.walker.close()
+            events.extend(assembly.walker.events())
+        elif assembly.mode == 1 and len(assembly.split_header) == K_SPLIT_HEADER.size:
+            self._split_header(key, K_SPLIT_HEADER.unpack_from(assembly.split_header)[0], events)
+        else:
+            events.append(Malformed("fate", f"unknown object mode byte {assembly.mode}"))
+        self._drop(akey, "")
+
+    def _drop(self, akey: tuple[str, ...], reason: str) -> None:
+        """Forget an assembly; with a reason, remember the key so that later pieces are rejected."""
+        assembly = self._assemblies.pop(akey, None)
         if assembly is not None:
             self._pending_bytes -= sum(len(p) for p in assembly.pending.values())
+        if reason:
+            self._dropped[akey] = reason
+            self._dropped.move_to_end(akey)
+            while len(self._dropped) > K_MAX_DROPPED:
+                self._dropped.popitem(last=False)
 
-    def _expire(self, *, now: float) -> list[Event]:
-        events: list[Event] = []
+    def _expire(self, *, now: float) -> None:
         while self._assemblies:
-            key, assembly = next(iter(self._assemblies.items()))
+            akey, assembly = next(iter(self._assemblies.items()))
             if now - assembly.last_seen <= self._limits.idle_timeout_s:
                 break
-            events.append(ScanLimit("reassembly.idle", f"object {key[-2]!r} unfinished after idle timeout"))
-            self._drop(key)
-        return events
+            self._drop(akey, f"idle for more than {self._limits.idle_timeout_s:g} s")
+
+
+def _json_pairs(body: bytes, events: list[Event]) -> list[tuple[bytes, bytes]]:
+    """A table message's rows (JSON list of hex k/v); a Malformed event and no rows when it is not one."""
+    try:
+        rows = json.loads(body)
+        if not isinstance(rows, list):
+            raise ValueError("not a JSON list")
+        return [(bytes.fromhex(r["k"]), bytes.fromhex(r["v"])) for r in rows]
+    except (ValueError, TypeError, KeyError) as exc:
+        events.append(Malformed("table", f"not a JSON list of hex k/v pairs: {exc}"))
+        return []
 
 
 def _small_pickle(data: bytes) -> int | bytes | None:

@@ -113,14 +113,12 @@ class PickleWalker:
         if not data:
             return
         self.consumed += len(data)
-        if self._state == "done":
-            self._error("trailing bytes after STOP")
-            return
         if self._state == "error":
             return
         self._buf += data
         try:
-            self._run()
+            if self._state == "run":
+                self._run()
         except _Stop:
             pass
         except WalkError as exc:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import tomllib
 from collections import defaultdict
 
 import pytest
 
-from fedgate.audit import AuditChain, AuditConfig, KeyFound, PayloadInspector, Reject, TensorFound
+from fedgate.audit import (
+    AuditChain,
+    AuditConfig,
+    KeyFound,
+    Malformed,
+    PayloadInspector,
+    PayloadLimits,
+    Reject,
+    ScanLimit,
+    TensorFound,
+)
 from fedgate.audit.events import EncryptedTensorFound
 from fedgate.audit.policy import policy_from_data
 from fedgate.proxy.envelope import Envelope
@@ -89,14 +101,55 @@ def test_split_slices_out_of_order_are_reassembled(fate_payloads: list[FatePaylo
     slices, header = big[:-1], big[-1]
     inspector = PayloadInspector()
     events: list[object] = []
-    for p in [header, *reversed(slices)]:
+    for p in [*reversed(slices), header]:
         events.extend(inspector.inspect(p.envelope, now=0.0).events)
     tensors = [e for e in events if isinstance(e, TensorFound)]
     assert len(tensors) == 1
     assert tensors[0].shape == (40_000, 8) and tensors[0].max == 1e6
     assert tensors[0].columns[3].max == 1e6 and tensors[0].columns[2].max is not None
     assert tensors[0].columns[2].max < 1.0
+    assert not [e for e in events if isinstance(e, Malformed | ScanLimit)]
     assert inspector.open_objects == 0 and inspector.pending_bytes == 0
+
+
+def test_a_split_header_before_its_slices_is_rejected(fate_payloads: list[FatePayload]) -> None:
+    # FATE pushes the slice table before the header; a header first means the slices were not
+    # inspected (lost, evicted or held back): reject it, and every slice that comes later
+    big = [p for p in fate_payloads if p.object == "big_ok"]
+    chain = _chain()
+    rules = []
+    for p in [big[-1], *big[:-1]]:
+        verdict = chain.inspect(p.envelope, "out", now=0.0).verdict
+        rules.append(verdict.rule if isinstance(verdict, Reject) else None)
+    assert rules[0] == "limit.reassembly.incomplete"
+    assert set(rules[1:]) == {"object.rejected"}
+
+
+def test_an_evicted_object_is_not_passed_uninspected(fate_payloads: list[FatePayload]) -> None:
+    big = [p for p in fate_payloads if p.object == "big_range"]
+    inspector = PayloadInspector(limits=PayloadLimits(max_objects=1))
+    sent = 0
+    while inspector.open_objects == 0:  # (some slice messages of a partition are empty lists)
+        assert not inspector.inspect(big[sent].envelope, now=0.0).events or sent == 0
+        sent += 1
+    # another split object opens and evicts big_range's reassembly
+    other = osx_pb2.Message(
+        head=b'{"content_type": "application/json", "message_id": "x__table_persistent_split__"}',
+        body=b'[{"k": "%s", "v": "%s"}]' % (pickle.dumps(0).hex().encode(), pickle.dumps(b"\x80\x04").hex().encode()),
+    )
+    inspector.inspect(Envelope("o", "audit-gen", "t", "9999", "10000", other.SerializeToString()), now=0.0)
+    limits = []
+    for p in big[sent:]:
+        events = inspector.inspect(p.envelope, now=0.0).events
+        assert not any(isinstance(e, TensorFound) for e in events)  # nothing is walked after the eviction
+        slices = (
+            json.loads(osx_pb2.Message.FromString(p.envelope.payload).body) if p.content_type != "text/plain" else []
+        )
+        limits.append((len(slices), {e.limit for e in events if isinstance(e, ScanLimit)}))
+    # every later message of the object that carries a slice is flagged as dropped, its header as incomplete
+    assert all(found == {"reassembly.dropped"} for n, found in limits[:-1] if n), limits
+    assert any(n for n, _ in limits[:-1])
+    assert limits[-1] == (0, {"reassembly.incomplete"})
 
 
 def test_keys_and_encrypted_tensors_are_found(fate_payloads: list[FatePayload]) -> None:

@@ -127,6 +127,18 @@ def test_malformed_pickles_are_reported(data: bytes, needle: str) -> None:
     assert bad and needle in bad[0].detail
 
 
+def test_bytes_after_stop_in_a_later_piece_are_malformed() -> None:
+    walker = PickleWalker()
+    walker.feed(b"\x80\x04N.")
+    assert walker.done and not walker.failed
+    walker.feed(b"N.")
+    walker.close()
+    events = walker.events()
+    assert walker.failed and len(events) == 1 and isinstance(events[0], Malformed) and "trailing" in events[0].detail
+    walker.feed(b"more")  # ignored once failed
+    assert walker.events() == []
+
+
 def test_limits_stop_the_walk() -> None:
     data = b"\x80\x04" + b"]\x94" * 100 + b"."
     events = walk(data, limits=PickleLimits(max_memo=10))
