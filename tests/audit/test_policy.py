@@ -78,3 +78,28 @@ def test_globals_policy() -> None:
     assert g.verdict("posix", "system") == "not in the allow list"
     assert g.verdict("fate.arch.unsafe", "evaluate") is not None
     assert g.verdict("torch", "load") is not None
+
+
+def test_audit_config_section_is_strict() -> None:
+    from fedgate.audit import AuditConfig
+    from fedgate.configtree import build
+
+    config = build(
+        AuditConfig,
+        {
+            "shadow": True,
+            "policy_file": "conf/audit_policy.toml",
+            "filters": ["pickle", "keys"],
+            "checkpoint_every": 50,
+        },
+        path="audit",
+    )
+    assert (
+        config.shadow and config.filters == ("pickle", "keys") and str(config.policy_file) == "conf/audit_policy.toml"
+    )
+    with pytest.raises(ConfigError) as info:
+        build(AuditConfig, {"ledger_pth": "x"}, path="audit")
+    assert info.value.path == "audit"
+    with pytest.raises(ConfigError) as info:
+        build(AuditConfig, {"checkpoint_every": 0}, path="audit")
+    assert info.value.path == "audit.checkpoint_every"
