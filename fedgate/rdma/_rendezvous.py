@@ -121,9 +121,9 @@ class ReadScheduler:
 
     def forget(self, ident: int) -> None:
         """The message was delivered; its FIN goes out."""
-        t = self._transfers.pop(ident)
-        if t.state is not TransferState.COMPLETE:
+        if self._transfers[ident].state is not TransferState.COMPLETE:
             raise RuntimeError(f"transfer {ident} forgotten before it completed")
+        del self._transfers[ident]
 
     def pending(self) -> int:
         return len(self._transfers)
