@@ -31,7 +31,7 @@ from fedgate.audit.policy import AuditPolicy, FeatureRange, MessageRule
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.protos import osx_pb2
 
-__all__ = ["fate_tensor_object", "main"]
+__all__ = ["bincode", "fate_key_pickle", "fate_tensor_object", "main"]
 
 
 def _safetensors(rows: int, cols: int) -> bytes:
@@ -83,18 +83,29 @@ def fate_tensor_object(rows: int, cols: int) -> bytes:
     return b"\x00" + _with_fake_module("fate.arch.federation.api._serdes", _Pid, make)
 
 
-def _key_object(bits: int) -> bytes:
-    n = (1 << (bits - 1)) | 1
-    state = b""
-    for v in (n, n * n, n + 1):
+def bincode(values: Sequence[int]) -> bytes:
+    """The bincode state ``fate_utils`` keeps for big integers: ``u32 LE radix 16 | u64 LE length | hex``."""
+    out = b""
+    for v in values:
         digits = format(v, "x").encode()
-        state += (16).to_bytes(4, "little") + len(digits).to_bytes(8, "little") + digits
+        out += (16).to_bytes(4, "little") + len(digits).to_bytes(8, "little") + digits
+    return out
+
+
+def fate_key_pickle(bits: int) -> bytes:
+    """A pickle of a ``fate_utils.paillier.PK`` whose modulus has ``bits`` bits, built by hand.
+
+    The class is a stand-in carrying the real module/name, so the opcodes are what pickling the pyo3
+    class produces: STACK_GLOBAL, EMPTY_TUPLE, NEWOBJ, a list of byte ints (n, n^2, n+1), BUILD.
+    """
+    n = (1 << (bits - 1)) | 0x1234567 | 1
+    state = list(bincode([n, n * n, n + 1]))
 
     class PK:
         def __reduce_ex__(self, protocol: Any) -> Any:
-            return (copyreg.__newobj__, (PK,), list(state))  # type: ignore[attr-defined]
+            return (copyreg.__newobj__, (PK,), state)  # type: ignore[attr-defined]
 
-    return b"\x00" + _with_fake_module("fate_utils.paillier", PK, lambda: pickle.dumps(PK(), protocol=4))
+    return _with_fake_module("fate_utils.paillier", PK, lambda: pickle.dumps(PK(), protocol=4))
 
 
 def _envelope(name: str, body: bytes) -> Envelope:
@@ -148,7 +159,7 @@ def main(argv: Sequence[str]) -> int:
     cases = {
         "tensor_1KiB": _envelope("tensor_1KiB", fate_tensor_object(16, 8)),
         "tensor_1MiB": _envelope("tensor_1MiB", fate_tensor_object(32768, 4)),
-        "paillier_key_2048": _envelope("pk", _key_object(2048)),
+        "paillier_key_2048": _envelope("pk", b"\x00" + fate_key_pickle(2048)),
     }
     for name, env in cases.items():
         result = chain.inspect(env, "out", now=0.0)

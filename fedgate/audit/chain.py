@@ -31,7 +31,6 @@ from fedgate.audit.filters import (
     K_FILTERS,
     AuditContext,
     AuditFilter,
-    Continue,
     Direction,
     Reject,
     Verdict,
@@ -164,7 +163,7 @@ class AuditChain:
         if not rejects:
             return AuditResult(CONTINUE, None, inspection)
         if self._config.shadow:
-            return AuditResult(Continue(), rejects[0], inspection)
+            return AuditResult(CONTINUE, rejects[0], inspection)
         return AuditResult(rejects[0], None, inspection)
 
     def _remember(self, key: tuple[str, ...], rule: str) -> None:

@@ -16,7 +16,8 @@ Rules of this module:
 2. A split or chunked object is walked *as it streams*: each piece is fed to one
    :class:`~fedgate.audit.pickle_scan.PickleWalker` in index order; out-of-order pieces wait in a
    bounded buffer (``max_pending_bytes`` over all objects). Objects idle for ``idle_timeout_s`` or
-   beyond ``max_objects`` are dropped oldest first with a :class:`ScanLimit` event.
+   beyond ``max_objects`` are dropped oldest first and remembered: their later pieces, and a split
+   header (or last rollsite chunk) whose object was not wholly inspected, get a :class:`ScanLimit`.
 3. Small inner pickles (a table key, a slice's bytes wrapper) are read with ``pickletools.genops``
    and accepted only in the exact shapes FATE writes; never unpickled.
 """

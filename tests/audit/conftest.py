@@ -12,13 +12,13 @@ import os
 import pathlib
 import pickle
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from fedgate.audit.bench import fate_key_pickle
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.protos import osx_pb2
 
@@ -166,45 +166,9 @@ def gadget_pickle(command: str, protocol: int = 4) -> bytes:
     return pickle.dumps(_Gadget(command), protocol=protocol)
 
 
-def bincode(values: list[int]) -> bytes:
-    out = b""
-    for v in values:
-        digits = format(v, "x").encode()
-        out += (16).to_bytes(4, "little") + len(digits).to_bytes(8, "little") + digits
-    return out
-
-
 def forged_pk_pickle(bits: int) -> bytes:
-    """A pickle of a ``fate_utils.paillier.PK`` whose modulus has ``bits`` bits, built by hand.
-
-    The class is a stand-in carrying the real module/name, so the opcodes are exactly what
-    pickling the pyo3 class produces: STACK_GLOBAL, EMPTY_TUPLE, NEWOBJ, a list of byte ints, BUILD.
-    """
-    n = (1 << (bits - 1)) | 0x1234567 | 1
-    state = list(bincode([n, n * n, n + 1]))
-
-    class PK:
-        def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-            return (copyreg_newobj, (PK,), state)
-
-    import copyreg
-
-    copyreg_newobj = copyreg.__newobj__  # type: ignore[attr-defined]
-    PK.__module__ = "fate_utils.paillier"
-    PK.__qualname__ = "PK"
-    module = type(sys)("fate_utils.paillier")
-    module.PK = PK  # type: ignore[attr-defined]
-    saved = {k: sys.modules.get(k) for k in ("fate_utils", "fate_utils.paillier")}
-    sys.modules["fate_utils"] = type(sys)("fate_utils")
-    sys.modules["fate_utils.paillier"] = module
-    try:
-        return pickle.dumps(PK(), protocol=4)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    """A ``fate_utils.paillier.PK`` pickle with a ``bits``-bit modulus, built by hand (see bench.py)."""
+    return fate_key_pickle(bits)
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ Usage: python gen_rollsite_packets.py INDIR OUTDIR   (prints ``RESULT {json}`` l
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
 import json
 import pathlib
 import sys
@@ -22,28 +24,20 @@ from concurrent import futures
 from typing import Any
 
 K_SESSION = "audit-rs"
-K_FAIL_FAST = {
-    "eggroll.rollsite.push.max.retry": 1,
-    "eggroll.rollsite.push.long.retry": 0,
-    "eggroll.rollsite.push.stream.timeout.sec": 60,
-}
+K_DRIVER = pathlib.Path(__file__).resolve().parents[1] / "interop" / "drivers" / "rollsite.py"
 
 
 def _mod(name: str) -> Any:
     return importlib.import_module(name)
 
 
-class _Ctx:
-    """The parts of eggroll's RollSiteContext that a push uses."""
-
-    def __init__(self, port: int) -> None:
-        self.config = _mod("eggroll.config").Config().load_default()
-        self.rp_ctx = None
-        self.role = "guest"
-        self.party_id = "9999"
-        self.roll_site_session_id = K_SESSION
-        self.proxy_endpoint = _mod("eggroll.core.meta_model").ErEndpoint(host="127.0.0.1", port=port)
-        self.pushing_latch = _mod("eggroll.federation._rollsite_context").CountDownLatch(0)
+def _driver() -> Any:
+    """tests/interop/drivers/rollsite.py (same venv): its RollSiteContext stand-in and fail-fast options."""
+    spec = importlib.util.spec_from_file_location("rollsite_driver", K_DRIVER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str]) -> int:
@@ -73,11 +67,14 @@ def main(argv: list[str]) -> int:
     server.start()
     try:
         rollsite = _mod("eggroll.federation._rollsite")
-        ctx = _Ctx(port)
+        driver = _driver()
+        args = argparse.Namespace(src_role="guest", src_party="9999", session=K_SESSION, host="127.0.0.1", port=port)
+        ctx = driver._Ctx(args)
+        options = dict(driver.K_FAIL_FAST)
         for path in sorted(indir.glob("*.obj")):
             current[0] = path.stem
-            rs = rollsite.RollSite(path.stem, "tag-0", ctx, options=dict(K_FAIL_FAST))
-            for f in rs.push_bytes(path.read_bytes(), parties=[("host", "10000")], options=dict(K_FAIL_FAST)):
+            rs = rollsite.RollSite(path.stem, "tag-0", ctx, options=dict(options))
+            for f in rs.push_bytes(path.read_bytes(), parties=[("host", "10000")], options=dict(options)):
                 f.result(timeout=120)
     finally:
         server.stop(None)

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from fedgate.audit import GlobalImported, KeyFound, Malformed, PickleLimits, PickleWalker, ScanLimit, TensorFound
+from fedgate.audit.bench import bincode
 from fedgate.audit.events import Event
 from fedgate.audit.pickle_scan import decode_bincode_modulus
-from tests.audit.conftest import bincode, forged_pk_pickle, gadget_pickle
+from tests.audit.conftest import forged_pk_pickle, gadget_pickle
 
 
 def walk(data: bytes, *, step: int = 0, limits: PickleLimits | None = None) -> list[Event]:
