@@ -8,7 +8,9 @@ Rules of this module:
 2. One reader, one writer, one timer task, plus the owner's tasks, all in one ``asyncio.TaskGroup``.
    Anyone who changes the core calls :meth:`LinkConnection.kick` so the writer flushes.
 3. The connection ends when the core reports :class:`ConnectionTerminated` or the channel fails;
-   then the writer flushes the last frames (the CLOSE), closes the channel and every task stops.
+   then the writer flushes the last frames (the CLOSE), closes the channel and every task stops. A
+   writer stuck on a full send buffer (the peer is gone) is cancelled instead: a dead peer must
+   never keep a connection, and so its reconnect, waiting.
    :attr:`LinkConnection.terminated` says why.
 """
 
@@ -31,6 +33,7 @@ log = logging.getLogger("fedgate.link")
 
 K_TIMER_GRANULARITY = 0.5  # seconds; the timer task re-reads get_timer() at least this often
 K_CLOSE_FLUSH_TIMEOUT = 2.0  # seconds to write the final CLOSE before giving up on the channel
+K_DEAD_PEER_CODES = frozenset({"timeout", "io_error", "eof"})  # endings after which no CLOSE is sent
 
 EventHandler = Callable[[LinkEvent], Awaitable[None]]
 CoreT = TypeVar("CoreT", bound=LinkCore)
@@ -49,6 +52,9 @@ class LinkConnection(Generic[CoreT]):
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._flushing = False
+        """The writer is inside a normal flush (it may wait on a full send buffer)."""
 
     def now(self) -> float:
         return self._loop.time()
@@ -88,6 +94,9 @@ class LinkConnection(Generic[CoreT]):
             self.terminated = event
             for task in list(self._tasks):
                 task.cancel()
+            if self._flushing and self._writer_task is not None:
+                # Blocked on a full send buffer (a dead peer): the CLOSE could not get out anyway.
+                self._writer_task.cancel()
             self.kick()
 
     async def run(self, *owner_tasks: Coroutine[Any, Any, None]) -> ConnectionTerminated:
@@ -96,10 +105,9 @@ class LinkConnection(Generic[CoreT]):
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 self.kick()  # the core's HELLO is waiting
-                writer = group.create_task(self._writer())
+                self._writer_task = group.create_task(self._writer())
                 for coro in (self._reader(), self._timer(), *owner_tasks):
                     self.spawn(coro)
-                del writer
         finally:
             self._group = None
             with contextlib.suppress(Exception):
@@ -142,12 +150,18 @@ class LinkConnection(Generic[CoreT]):
             await self._wake.wait()
             self._wake.clear()
             ending = self.terminated is not None
+            if ending and self.terminated is not None and self.terminated.code in K_DEAD_PEER_CODES:
+                break  # nobody is listening: a CLOSE would only wait on a full buffer
             try:
                 if ending:
                     async with asyncio.timeout(K_CLOSE_FLUSH_TIMEOUT):
                         await self._flush()
                 else:
-                    await self._flush()
+                    self._flushing = True
+                    try:
+                        await self._flush()
+                    finally:
+                        self._flushing = False
             except Exception as exc:  # a dead channel: nothing more can be written
                 self.finish(ConnectionTerminated("io_error", f"send failed: {exc!r}", by_peer=True))
                 ending = True

@@ -31,6 +31,7 @@ K_STREAM_LIMIT = 4 * 1024 * 1024  # bytes buffered by the StreamReader before re
 K_READ_BYTES = 1024 * 1024  # bytes asked for per receive()
 K_WRITE_HIGH = 4 * 1024 * 1024  # bytes queued in the transport before send() waits
 K_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds the server gives a client to finish TLS
+K_CLOSE_TIMEOUT = 0.5  # seconds a close waits to flush before the connection is aborted
 
 
 class TcpChannel:
@@ -61,9 +62,13 @@ class TcpChannel:
         if self._writer.is_closing():
             return
         self._writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
+        try:
+            async with asyncio.timeout(K_CLOSE_TIMEOUT):
                 await self._writer.wait_closed()
+        except TimeoutError:  # unsent data towards a peer that is gone: drop it
+            self._writer.transport.abort()
+        except Exception:  # already broken: closing is all we wanted
+            self._writer.transport.abort()
 
     def abort(self) -> None:
         """Drop the connection at once, without TLS close_notify (tests: a cut cable)."""

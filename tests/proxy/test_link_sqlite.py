@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -114,6 +114,7 @@ from fedgate.proxy.store import SqliteStore, outbox_of
 from fedgate.proxy.tcp_carrier import TcpCarrier
 
 role, db, port, certs, put = sys.argv[1], sys.argv[2], int(sys.argv[3]), pathlib.Path(sys.argv[4]), sys.argv[5]
+host = sys.argv[6]
 SENDER, RECEIVER, MIB = "9999", "10000", 1024 * 1024
 PARAMS = dict(chunk_bytes=MIB, window_bytes=8 * MIB, keepalive_s=1.0)
 
@@ -129,7 +130,7 @@ async def main():
     carrier = TcpCarrier()
     if role == "receiver":
         listener = LinkListener(params=LinkParams(RECEIVER, **PARAMS), inbox=store, allow=lambda p: p == SENDER)
-        await carrier.listen("127.0.0.1", port, tls=tls(RECEIVER, server_context), handler=listener.handle)
+        await carrier.listen(host, port, tls=tls(RECEIVER, server_context), handler=listener.handle)
         while True:
             st = listener.statistics()
             print(json.dumps({"received": st.bytes_received, "staged": await store.partial_size("big"),
@@ -141,13 +142,14 @@ async def main():
             await outbox.put(RECEIVER, Envelope(message_id=mid, session_id="s", topic="t", src_party=SENDER,
                                                 dst_party=RECEIVER, payload=payload(mid, size)))
         sender = LinkSender(peer=RECEIVER, params=LinkParams(SENDER, **PARAMS), outbox=outbox,
-                            dial=carrier_dial(carrier.connect, "127.0.0.1", port, tls=tls(SENDER, client_context),
+                            dial=carrier_dial(carrier.connect, host, port, tls=tls(SENDER, client_context),
                                               server_hostname=None, timeout=5.0),
                             backoff_initial_s=0.05, backoff_max_s=0.2)
         task = asyncio.create_task(sender.run())
         while True:
-            print(json.dumps({"depth": (await store.outbox_depth(RECEIVER))[0],
-                              "sent": sender.statistics().bytes_sent}), flush=True)
+            st = sender.statistics()
+            print(json.dumps({"depth": (await store.outbox_depth(RECEIVER))[0], "sent": st.bytes_sent,
+                              "reconnects": st.reconnects}), flush=True)
             await asyncio.sleep(0.01)
     else:  # dump the queue
         out = []
@@ -163,9 +165,10 @@ asyncio.run(main())
 class Child:
     """A gateway end in a child process; ``last`` is its latest JSON status line."""
 
-    def __init__(self, role: str, db: pathlib.Path, port: int, certs: pathlib.Path, put: list[Any]) -> None:
+    def __init__(self, role: str, db: pathlib.Path, port: int, certs: pathlib.Path, put: list[Any], *,
+                 host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, role, str(db), str(port), str(certs), json.dumps(put)],
+            [*prefix, sys.executable, "-c", CHILD, role, str(db), str(port), str(certs), json.dumps(put), host],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={
                 **os.environ, "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
