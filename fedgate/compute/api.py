@@ -16,7 +16,9 @@ Rules of this module:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 from fedgate.compute.config import ComputeConfig
@@ -102,12 +104,14 @@ class BackendFactory(Protocol):
     def __call__(self, config: ComputeConfig) -> HeBackend: ...
 
 
-# name -> "module:factory"; imported only when selected.
-K_BACKENDS: dict[str, str] = {
-    "cpu": "fedgate.compute.cpu:create",
-    "gpu": "fedgate.compute.gpu:create",
-    "fpga": "fedgate.compute.fpga:create",
-}
+# name -> "module:factory"; imported only when selected; read-only.
+K_BACKENDS: Mapping[str, str] = MappingProxyType(
+    {
+        "cpu": "fedgate.compute.cpu:create",
+        "gpu": "fedgate.compute.gpu:create",
+        "fpga": "fedgate.compute.fpga:create",
+    }
+)
 
 
 def backend_names() -> list[str]:

@@ -111,3 +111,23 @@ def test_build_failure_is_a_local_error(tmp_path: pathlib.Path, monkeypatch: pyt
     monkeypatch.setattr(ckernels, "find_compiler", lambda: None)
     with pytest.raises(LocalError, match="no C compiler"):
         ckernels.build_library(tmp_path, max_limbs=32)
+
+
+def test_gpu_check_script_runs_on_the_c_emulation(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedgate.compute import gpu_check
+
+    rc = gpu_check.main(["--emulate", str(tmp_path), "--bits", "1024", "--start", "8", "--min-seconds", "0.001"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "correctness: conformance suite (djn + textbook) and cpu cross-checks passed" in out
+    for op in ("encrypt (DJN fixed base)", "decrypt (CRT)", "add", "mul 64-bit scalar"):
+        assert op in out
+
+
+def test_gpu_check_without_a_device_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedgate.compute import gpu, gpu_check
+
+    if gpu.device_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main(["--quick"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
