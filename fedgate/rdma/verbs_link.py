@@ -7,9 +7,9 @@ Rules of this module:
    ``pyverbs.libibverbs_enums`` or ``pyverbs.enums``; the completion channel's fd is
    ``CompChannel.fd`` (v57+) or found by diffing ``/proc/self/fd`` (v44); the ``logging.basicConfig``
    pyverbs runs on import is undone.
-2. Thin adapter (STYLE §2): protocol decisions live in :mod:`._session`; this file stamps
-   completions with ``loop.time()``, executes the session's actions (post SEND / RECV / READ, copy
-   payloads in and out of registered memory) and wakes the application's waiters.
+2. Thin adapter (STYLE §2): protocol decisions live in :mod:`._session`; the per-channel adapter
+   (:mod:`._channel`) executes them; this file opens the device, polls the CQ, connects QPs and
+   runs the control connection. It hands pyverbs to the channels as one :class:`Verbs` namespace.
 3. One :class:`VerbsDevice` per carrier: device context, PD, one completion channel and one CQ shared
    by every channel, its fd registered with ``loop.add_reader``; on readiness: get the event, ack,
    re-arm, then poll until empty (no completion is lost between re-arm and poll).
@@ -17,44 +17,33 @@ Rules of this module:
    (QP number, PSN, GID, LID, MTU, slots), bring the RC QP to RTS, then a READY barrier so neither
    side sends before the other has posted its receives. rdma_cm stays out of the asyncio process.
    The control connection stays open: EOF on it without a BYE means the peer is gone.
-5. A peer that disappears is detected three ways, each failing the channel with
-   PeerUnavailableError: the control connection drops, a work completion fails (retry exceeded),
-   or a posted SEND/READ does not complete within ``completion_timeout_s``.
-6. Teardown is explicit and ordered (pyverbs' finalizers at exit run in the wrong order): a channel
+5. A peer that disappears is detected three ways (see :mod:`._channel`), each failing the channel
+   with PeerUnavailableError: the control connection drops, a work completion fails (retry
+   exceeded), or a posted SEND/READ does not complete within ``completion_timeout_s``.
+6. The CQ is shared: a channel is refused (LocalError) when the CQ could overflow with one more.
+7. Teardown is explicit and ordered (pyverbs' finalizers at exit run in the wrong order): a channel
    destroys its QP, then its MRs; the device closes the CQ, the completion channel, the pool's
    MRs, the PD, then the context.
-7. Foreign exceptions (pyverbs, OS, TLS) become fedgate errors here, with ``raise ... from exc``.
+8. Foreign exceptions (pyverbs, OS, TLS) become fedgate errors here, with ``raise ... from exc``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import importlib
 import logging
 import os
 import secrets
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 from fedgate.errors import FedgateError, LocalError, PeerUnavailableError, RemoteProtocolError
 from fedgate.proxy.carrier import ByteChannel, ChannelHandler
+from fedgate.rdma._channel import VerbsChannel
 from fedgate.rdma._pool import RegistrationPool
-from fedgate.rdma._session import (
-    EagerMessage,
-    EndOfStream,
-    PostRead,
-    PostRecv,
-    PostSend,
-    RdmaSession,
-    ReleaseSource,
-    SessionState,
-    eager_limit,
-)
-from fedgate.rdma._wire import K_HEADER_BYTES, K_HELLO_MAX_BYTES, K_RTS_BYTES, Hello, decode_hello, encode_hello
+from fedgate.rdma._wire import K_HELLO_MAX_BYTES, Hello, decode_hello, encode_hello
 from fedgate.rdma.config import RdmaConfig
 
 __all__ = ["RdmaCarrier", "VerbsChannel", "VerbsDevice", "load_pyverbs"]
@@ -63,10 +52,7 @@ log = logging.getLogger("fedgate.rdma")
 
 K_CQ_ENTRIES = 16384  # completions; clamped to the device's max_cqe
 K_POLL_BATCH = 64  # completions per ibv_poll_cq call
-K_STALL_CHECK_S = 0.5  # seconds between stall checks of a channel
 K_READY = b"READY\n"
-K_BYE = b"BYE\n"
-K_WR_RECV, K_WR_SEND, K_WR_READ = 0, 1, 2  # low 2 bits of a wr_id
 K_PORT_ACTIVE = 4  # ibv_port_state IBV_PORT_ACTIVE
 K_LINK_LAYER_IB = 1  # IBV_LINK_LAYER_INFINIBAND
 
@@ -115,10 +101,6 @@ def _event_fds() -> set[int]:
     return out
 
 
-def _mem(addr: int, length: int) -> memoryview:
-    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
-
-
 class VerbsDevice:
     """A device context shared by a carrier's channels: PD, CQ, completion channel, buffer pool."""
 
@@ -154,7 +136,8 @@ class VerbsDevice:
                 fd = new.pop()
             self.fd = int(fd)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-            self.cq = v.cq.CQ(self.ctx, min(K_CQ_ENTRIES, attr.max_cqe), None, self.comp_channel, 0)
+            self.cq_size = min(K_CQ_ENTRIES, attr.max_cqe)
+            self.cq = v.cq.CQ(self.ctx, self.cq_size, None, self.comp_channel, 0)
             self.cq.req_notify()
         except v.PyverbsError as exc:
             raise LocalError(f"cannot open RDMA device {self.name}: {exc}") from exc
@@ -260,305 +243,6 @@ class VerbsDevice:
                 obj.close()
 
 
-class VerbsChannel:
-    """One RC queue pair to a peer gateway, as a ByteChannel; messages keep their boundaries."""
-
-    def __init__(
-        self,
-        device: VerbsDevice,
-        qp: Any,
-        *,
-        local: Hello,
-        peer: Hello,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        description: str,
-        peer_party: str | None,
-    ) -> None:
-        cfg = device.config
-        self._dev = device
-        self._v = device.v
-        self._qp = qp
-        self._cfg = cfg
-        self._reader, self._writer = reader, writer
-        self._description = description
-        self._peer_party = peer_party
-        self._slot = cfg.slot_bytes
-        self._recv_mr = device.make_mr(cfg.recv_slots * self._slot)
-        self._send_mr = device.make_mr(cfg.recv_slots * self._slot)
-        self._recv_mem = _mem(self._recv_mr.buf, cfg.recv_slots * self._slot)
-        self._send_mem = _mem(self._send_mr.buf, cfg.recv_slots * self._slot)
-        self.session = RdmaSession(
-            recv_slots=cfg.recv_slots,
-            send_slots=cfg.recv_slots,
-            peer_recv_slots=peer.recv_slots,
-            max_eager=eager_limit(peer_slot_bytes=peer.slot_bytes, send_slot_bytes=self._slot),
-            chunk_bytes=cfg.read_chunk_bytes,
-            max_reads=min(local.rd_atomic, peer.rd_atomic),
-            max_rendezvous=cfg.max_rendezvous,
-        )
-        self._payloads: dict[int, bytes] = {}
-        self._sources: dict[int, Any] = {}  # token -> pool MR announced to the peer
-        self._sinks: dict[int, Any] = {}  # transfer ident -> pool MR being read into
-        self._reads: dict[int, tuple[int, int]] = {}  # wr_id -> (ident, offset)
-        self._next_token = 1
-        self._next_read = 0
-        self._error: FedgateError | None = None
-        self._peer_bye = False
-        self._closed = False
-        self._torn_down = False
-        self._changed = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        device.channels[qp.qp_num] = self
-        self.pump()  # posts every receive slot before the READY barrier
-
-    # --- ByteChannel --------------------------------------------------------------------------
-
-    @property
-    def peer_party(self) -> str | None:
-        return self._peer_party
-
-    @property
-    def description(self) -> str:
-        return self._description
-
-    async def send(self, data: bytes | memoryview) -> None:
-        length = len(data) if isinstance(data, bytes) else data.nbytes
-        self._check_usable()
-        if length == 0:
-            return
-        session = self.session
-        limit = self._cfg.recv_slots
-        if length <= session.max_eager:
-            await self._wait(lambda: session.queued < limit)
-            token = self._token()
-            self._payloads[token] = data if isinstance(data, bytes) else bytes(data)
-            session.queue_eager(token, length)
-        else:
-            await self._wait(lambda: session.queued < limit and session.can_start_rendezvous())
-            mr, _cap = self._dev.pool.get(length)
-            _mem(mr.buf, length)[:] = memoryview(data).cast("B")
-            token = self._token()
-            self._sources[token] = mr
-            session.queue_rendezvous(token, length, addr=mr.buf, rkey=mr.rkey)
-        self.pump()
-
-    async def receive(self) -> bytes:
-        while True:
-            delivery = self.session.next_delivery()
-            if delivery is not None:
-                if isinstance(delivery, EndOfStream):
-                    return b""
-                if isinstance(delivery, EagerMessage):
-                    offset = delivery.slot * self._slot + K_HEADER_BYTES
-                    data = ctypes.string_at(self._recv_mr.buf + offset, delivery.length)
-                else:
-                    mr = self._sinks.pop(delivery.ident)
-                    data = ctypes.string_at(mr.buf, delivery.length)
-                    self._dev.pool.put(mr)
-                self.session.consumed(delivery)
-                self.pump()
-                return data
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise PeerUnavailableError(f"{self._description}: channel closed")
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        session = self.session
-        if self._error is None and not self._peer_bye and not self._torn_down:
-            try:
-                async with asyncio.timeout(self._cfg.close_timeout_s):
-                    if session.state is SessionState.OPEN:
-                        session.queue_close()
-                        self.pump()
-                    await self._wait(
-                        lambda: (session.state is SessionState.CLOSED and session.idle()) or self._peer_bye,
-                        closing=True,
-                    )
-            except TimeoutError:
-                log.warning("rdma %s: close did not drain in %.1f s", self._description, self._cfg.close_timeout_s)
-            except FedgateError:
-                pass
-            with contextlib.suppress(OSError, RuntimeError):
-                self._writer.write(K_BYE)
-                await asyncio.wait_for(self._writer.drain(), 1.0)
-        self.teardown()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
-
-    # --- driving ------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start watching the control connection and the completion deadlines."""
-        self._tasks.append(asyncio.create_task(self._watch_control()))
-        self._tasks.append(asyncio.create_task(self._watch_stalls()))
-
-    def on_completion(self, wc: Any) -> None:
-        kind, index = wc.wr_id & 3, wc.wr_id >> 2
-        if wc.status != self._v.e.IBV_WC_SUCCESS:
-            if not self._torn_down:
-                self.fail(PeerUnavailableError(f"{self._description}: work completion failed (status {wc.status})"))
-            return
-        if self._error is not None:
-            return
-        try:
-            if kind == K_WR_RECV:
-                offset = index * self._slot
-                head = bytes(self._recv_mem[offset : offset + K_RTS_BYTES])
-                self.session.on_recv(index, head, wc.byte_len)
-            elif kind == K_WR_SEND:
-                self.session.on_send_complete(index)
-            else:
-                ident, offset = self._reads.pop(index)
-                self.session.on_read_complete(ident, offset)
-        except RemoteProtocolError as exc:
-            self.fail(exc)
-
-    def pump(self) -> None:
-        """Execute the session's actions, then wake the waiters."""
-        if self._torn_down:
-            return
-        try:
-            for action in self.session.actions(now=self._dev.loop.time()):
-                if isinstance(action, PostRecv):
-                    self._post_recv(action.slot)
-                elif isinstance(action, PostSend):
-                    self._post_send(action)
-                elif isinstance(action, PostRead):
-                    self._post_read(action)
-                elif isinstance(action, ReleaseSource):
-                    self._dev.pool.put(self._sources.pop(action.token))
-        except self._v.PyverbsError as exc:
-            self.fail(PeerUnavailableError(f"{self._description}: posting failed: {exc}"))
-        self._changed.set()
-
-    def _post_recv(self, slot: int) -> None:
-        w = self._v.wr
-        sge = w.SGE(self._recv_mr.buf + slot * self._slot, self._slot, self._recv_mr.lkey)
-        self._qp.post_recv(w.RecvWR(wr_id=(slot << 2) | K_WR_RECV, num_sge=1, sg=[sge]))
-
-    def _post_send(self, action: PostSend) -> None:
-        offset = action.slot * self._slot
-        header = action.header
-        end = offset + len(header)
-        self._send_mem[offset:end] = header
-        if action.token is not None:
-            payload = self._payloads.pop(action.token)
-            self._send_mem[end : end + len(payload)] = payload
-            end += len(payload)
-        w = self._v.wr
-        sge = w.SGE(self._send_mr.buf + offset, end - offset, self._send_mr.lkey)
-        wr = w.SendWR(wr_id=(action.slot << 2) | K_WR_SEND, opcode=self._v.e.IBV_WR_SEND, num_sge=1, sg=[sge])
-        self._qp.post_send(wr)
-
-    def _post_read(self, action: PostRead) -> None:
-        chunk = action.chunk
-        if chunk.offset == 0:
-            self._sinks[chunk.ident] = self._dev.pool.get(chunk.total)[0]
-        sink = self._sinks[chunk.ident]
-        self._next_read += 1
-        self._reads[self._next_read] = (chunk.ident, chunk.offset)
-        w = self._v.wr
-        sge = w.SGE(sink.buf + chunk.offset, chunk.length, sink.lkey)
-        wr = w.SendWR(wr_id=(self._next_read << 2) | K_WR_READ, opcode=self._v.e.IBV_WR_RDMA_READ, num_sge=1, sg=[sge])
-        wr.set_wr_rdma(chunk.rkey, chunk.remote_addr)
-        self._qp.post_send(wr)
-
-    def fail(self, error: FedgateError) -> None:
-        if self._error is None:
-            self._error = error
-            self.session.fail()
-            log.warning("%s", error)
-        self._changed.set()
-
-    def _check_usable(self, *, closing: bool = False) -> None:
-        if self._error is not None:
-            raise self._error
-        if (self._closed and not closing) or self._torn_down:
-            raise PeerUnavailableError(f"{self._description}: channel closed")
-
-    async def _wait(self, ready: Callable[[], bool], *, closing: bool = False) -> None:
-        while True:
-            self._check_usable(closing=closing)
-            if ready():
-                return
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def _watch_control(self) -> None:
-        try:
-            while True:
-                line = await self._reader.readline()
-                if line == K_BYE:
-                    self._peer_bye = True
-                    self._dev.poll_now()  # its CLOSE completed before its BYE: take it in first
-                    self._changed.set()
-                    continue
-                if not line:
-                    break
-                self.fail(RemoteProtocolError(f"{self._description}: unexpected control line {line[:40]!r}"))
-                return
-        except (OSError, ssl.SSLError, ValueError):
-            pass
-        self._dev.poll_now()
-        if not self._peer_bye and not self.session.peer_closed:
-            self.fail(PeerUnavailableError(f"{self._description}: control connection lost; the peer is gone"))
-        self._peer_bye = True
-        self._changed.set()
-
-    async def _watch_stalls(self) -> None:
-        timeout = self._cfg.completion_timeout_s
-        while self._error is None:
-            await asyncio.sleep(min(K_STALL_CHECK_S, timeout / 4))
-            oldest = self.session.oldest_posted()
-            if oldest is not None and self._dev.loop.time() - oldest > timeout:
-                self.fail(
-                    PeerUnavailableError(f"{self._description}: no completion for {timeout:.1f} s; the peer is gone")
-                )
-
-    def teardown(self) -> None:
-        """Destroy the QP, then the MRs; wake every waiter. Idempotent."""
-        if self._torn_down:
-            return
-        self._torn_down = True
-        self._closed = True
-        current = asyncio.current_task() if self._dev.loop.is_running() else None
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        self._dev.channels.pop(self._qp.qp_num, None)
-        with contextlib.suppress(Exception):
-            self._qp.close()
-        for mr in (*self._sources.values(), *self._sinks.values()):
-            self._dev.pool.put(mr)
-        self._sources.clear()
-        self._sinks.clear()
-        self._recv_mem.release()
-        self._send_mem.release()
-        for mr in (self._recv_mr, self._send_mr):
-            with contextlib.suppress(Exception):
-                mr.close()
-        with contextlib.suppress(Exception):
-            self._writer.close()
-        if self._error is None:
-            self._error = PeerUnavailableError(f"{self._description}: channel closed")
-        self._changed.set()
-
-    @property
-    def torn_down(self) -> bool:
-        return self._torn_down
-
-    def _token(self) -> int:
-        self._next_token += 1
-        return self._next_token
-
-
 def _peer_party(writer: asyncio.StreamWriter) -> str | None:
     cert = writer.get_extra_info("peercert")
     if not cert:
@@ -641,6 +325,10 @@ class RdmaCarrier:
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> VerbsChannel:
         dev = self.device()
         cfg = self._config
+        per_channel = 2 * cfg.recv_slots + dev.rd_atomic + 1  # completions one channel can have queued
+        if (len(dev.channels) + 1) * per_channel > dev.cq_size:
+            writer.close()
+            raise LocalError(f"{where}: the shared CQ ({dev.cq_size} entries) has no room for another channel")
         try:
             qp = dev.create_qp(send_wr=cfg.recv_slots + dev.rd_atomic + 1, recv_wr=cfg.recv_slots)
             local = Hello(
