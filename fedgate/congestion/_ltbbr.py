@@ -20,7 +20,9 @@ Rules of this module:
    converge as under AIMD) and is released once it no longer binds.
 4. STARTUP also ends when the queue it builds exceeds ``K_STARTUP_QUEUE_RATIO`` x min_rtt, so that
    with a bottleneck buffer of one BDP the sender does not overflow it.
-5. PROBE_RTT drains to half a BDP (not four packets) for ``K_PROBE_RTT_DURATION`` and one round; it is
+5. The cwnd target adds BBR's ack-aggregation allowance (``extra_acked``: data acked beyond what bw
+   explains, max over ``K_BW_WINDOW_ROUNDS``, at most ``K_EXTRA_ACKED_MAX`` seconds of data).
+6. PROBE_RTT drains to half a BDP (not four packets) for ``K_PROBE_RTT_DURATION`` and one round; it is
    skipped while RTT samples within ``K_MIN_RTT_TOLERANCE`` of min_rtt keep arriving.
 """
 
@@ -67,6 +69,7 @@ K_PERSISTENT_ROUNDS = 3  # ...when it lasts this many windows
 K_BETA = 0.85  # bw_hi = K_BETA x delivery rate of the congested window
 K_BW_HI_GROWTH_MAX_EXP = 16  # bw_hi grows by 2**k packets per min_rtt in the k-th clean window, k <= this
 K_BW_HI_RELEASE = 2.0  # bw_hi is dropped once it exceeds this x the max filter
+K_EXTRA_ACKED_MAX = 0.1  # seconds of data at bw: cap of the ack-aggregation allowance added to cwnd
 
 
 class LtBbrState(Enum):
@@ -131,6 +134,10 @@ class LtBbr(CongestionController):
         self._pacing_gain = K_STARTUP_GAIN
         self._cwnd_gain = K_STARTUP_CWND_GAIN
         self._cwnd = K_INITIAL_WINDOW_PACKETS * max_datagram_size
+        # ack aggregation (BBR's extra_acked): data acked beyond what bw explains, max over rounds
+        self._extra_filter = _RoundMaxFilter(K_BW_WINDOW_ROUNDS)
+        self._agg_start: float | None = None
+        self._agg_delivered = 0
         # loss-measurement window
         self._win_start: float | None = None
         self._win_acked = 0
@@ -204,11 +211,13 @@ class LtBbr(CongestionController):
         if sample.delivery_rate > 0 and (not sample.app_limited or sample.delivery_rate > self._bw_filter.get()):
             self._bw_filter.offer(sample.delivery_rate)
         self._update_min_rtt(now, sample.rtt)
+        self._update_ack_aggregation(now, packet.size)
         round_start = packet.delivered >= self._next_round_delivered
         if round_start:
             self._next_round_delivered = self._delivered
             self._round_count += 1
             self._bw_filter.end_round(self._round_count)
+            self._extra_filter.end_round(self._round_count)
             self._on_round_end(now, sample)
         self._update_state(now, round_start)
         self._update_cwnd(packet.size)
@@ -222,6 +231,8 @@ class LtBbr(CongestionController):
         # The path went away for several PTOs: what we knew about its bandwidth is stale. Restart
         # from STARTUP with a minimal window, keeping min_rtt.
         self._bw_filter.reset()
+        self._extra_filter.reset()
+        self._agg_start = None
         self._bw_hi = None
         self._full_bw = 0.0
         self._full_bw_count = 0
@@ -231,6 +242,23 @@ class LtBbr(CongestionController):
         self._reset_window(None)
 
     # -- per-ack machinery ------------------------------------------------------------------------
+
+    def _update_ack_aggregation(self, now: float, acked: int) -> None:
+        # Acks arrive in bursts (receiver batching, host scheduling): without an allowance for the
+        # burst, cwnd = 2 x bw x min_rtt starves the sender when min_rtt is small.
+        bw = self._bw()
+        if bw <= 0:
+            return
+        if self._agg_start is None:
+            self._agg_start = now
+        expected = bw * (now - self._agg_start)
+        if self._agg_delivered <= expected:
+            self._agg_start = now
+            self._agg_delivered = 0
+            expected = 0.0
+        self._agg_delivered += acked
+        extra = min(self._agg_delivered - expected, float(self._cwnd), bw * K_EXTRA_ACKED_MAX)
+        self._extra_filter.offer(extra)
 
     def _update_min_rtt(self, now: float, rtt: float) -> None:
         expired = now > self._min_rtt_stamp + K_MIN_RTT_WINDOW
@@ -386,7 +414,10 @@ class LtBbr(CongestionController):
             self._pacing_gain = K_PROBE_GAINS[index]
 
     def _update_cwnd(self, acked: int) -> None:
-        target = int(self._cwnd_gain * self._bdp()) + 3 * self.max_datagram_size
+        # The aggregation allowance only once the pipe is full: in STARTUP the lagging bw estimate
+        # makes every ack look "extra", and the 2 x BDP cap is what keeps STARTUP inside the queue.
+        extra = self._extra_filter.get() if self._filled_pipe else 0.0
+        target = int(self._cwnd_gain * self._bdp() + extra) + 3 * self.max_datagram_size
         bw = self._bw()
         if bw <= 0:
             self._cwnd += acked

@@ -68,7 +68,17 @@ class QuicIdentity:
 
 
 def party_ids(cert: x509.Certificate) -> list[str]:
-    """The party ids a certificate names: subject CN first, then SAN DNS names and URIs."""
+    """The party ids a certificate names.
+
+    fedgate's own certificates (``fedgate certs``) carry exactly one SAN URI ``fedgate:party:<id>``,
+    the identity the TCP carrier checks too; when present it is the only answer. Certificates made
+    elsewhere fall back to the subject CN, then SAN DNS names and URIs.
+    """
+    from fedgate.proxy.certs import party_from_certificate
+
+    fedgate_party = party_from_certificate(cert)
+    if fedgate_party is not None:
+        return [fedgate_party]
     out: list[str] = []
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value if isinstance(attr.value, str) else attr.value.decode()

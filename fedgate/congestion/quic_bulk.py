@@ -4,6 +4,7 @@ Usage (the transport-runner contract: each side prints ONE JSON line on stdout a
 
     python -m fedgate.congestion.quic_bulk serve --listen HOST:PORT
     python -m fedgate.congestion.quic_bulk send --connect HOST:PORT --duration S [--cc ltbbr|newreno]
+    (both take --connections N)
 
 Rules of this module:
 
@@ -19,23 +20,38 @@ Rules of this module:
    ``srtt_ms``, ``min_rtt_ms``, ``cwnd``, ``pacing_mbit``, ``bw_mbit``, ``congestion_events`` and
    ``stream_bytes`` (payload handed to QUIC).
 5. uvloop runs the event loop when it is installed.
+6. ``--connections N`` (default K_DEFAULT_CONNECTIONS, or $FEDGATE_QUIC_BULK_CONNECTIONS): N QUIC
+   connections, one process each, on both sides; the receiver binds N SO_REUSEPORT sockets before
+   forking so the kernel keeps each connection on one process. The window starts at the first accept
+   on any of them; bytes and packet counts are summed (``per_connection`` lists the parts). This is
+   the "several connections per peer when one core is not enough" mode of the carrier.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
+import multiprocessing
+import os
+import queue
+import signal
+import socket
 import struct
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
 from typing import Any
 
 from fedgate.congestion import CongestionStatistics, check_controller_name
 from fedgate.congestion.config import QuicConfig
 from fedgate.congestion.quic_link import QuicByteChannel, QuicCarrier
-from fedgate.errors import FedgateError, PeerUnavailableError
+from fedgate.errors import ConfigError, FedgateError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
 
 __all__ = ["main"]
@@ -46,6 +62,11 @@ K_SEND_GRACE = 10.0  # seconds the sender goes on past its deadline waiting for 
 K_ACCEPT_TIMEOUT = 60.0  # seconds the receiver waits for a connection
 K_CONNECT_TIMEOUT = 10.0  # seconds the sender retries the handshake
 K_MIB = 1 << 20  # bytes
+K_POLL = 0.02  # seconds between checks of the shared window by an idle receiver worker
+K_WORKER_TIMEOUT = K_ACCEPT_TIMEOUT + 30.0  # seconds to wait for a worker's result
+K_DEFAULT_CONNECTIONS = 2  # connections (processes) per side: one aioquic connection needs ~1 core at 100 Mbit/s
+K_CONNECTIONS_ENV = "FEDGATE_QUIC_BULK_CONNECTIONS"  # overrides K_DEFAULT_CONNECTIONS (harness runs pass no flags)
+K_CONN_HELP = f"QUIC connections, one process each (default {K_DEFAULT_CONNECTIONS}, or ${K_CONNECTIONS_ENV})"
 K_BULK_CONFIG = {
     "max_data_bytes": 256 * K_MIB,
     "max_stream_data_bytes": 256 * K_MIB,
@@ -63,57 +84,162 @@ def _config(cc: str) -> QuicConfig:
     return QuicConfig(congestion_control=cc, **K_BULK_CONFIG)  # type: ignore[arg-type]
 
 
-async def serve(listen: str, *, accept_timeout: float = K_ACCEPT_TIMEOUT) -> dict[str, Any]:
-    """Receive one stream for the announced window; return the receiver JSON."""
-    host, port = _split(listen)
-    carrier = QuicCarrier(_config("ltbbr"))
-    result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+class _Window:
+    """The receiver's measurement window, shared by the worker processes (CLOCK_MONOTONIC is system-wide)."""
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self._t0 = ctx.Value("d", 0.0)
+        self._duration = ctx.Value("d", 0.0)
+
+    def start(self, now: float) -> None:
+        with self._t0.get_lock():
+            if self._t0.value == 0.0:
+                self._t0.value = now
+
+    def set_duration(self, duration: float) -> None:
+        with self._duration.get_lock():
+            if self._duration.value == 0.0:
+                self._duration.value = max(duration, 1e-3)
+
+    @property
+    def t0(self) -> float:
+        return float(self._t0.value)
+
+    def deadline(self) -> float | None:
+        t0, duration = self._t0.value, self._duration.value
+        return float(t0 + duration) if t0 and duration else None
+
+
+async def _serve_one(sock: socket.socket, window: _Window, accept_timeout: float) -> dict[str, Any]:
+    """Serve every stream arriving on ``sock``; count bytes inside the shared window."""
+    carrier = QuicCarrier(_config(QuicConfig().congestion_control))
+    total = 0
+    errors: list[str] = []
+    streams = 0
 
     async def handler(channel: ByteChannel) -> None:
-        t0 = time.monotonic()
-        deadline = t0 + K_ACCEPT_TIMEOUT
-        head = b""
-        total = 0
-        duration: float | None = None
-        error = ""
+        nonlocal total, streams
+        window.start(time.monotonic())
+        streams += 1
+        head: bytes | None = b""
         while True:
-            remaining = deadline - time.monotonic()
+            deadline = window.deadline()
+            remaining = (deadline - time.monotonic()) if deadline is not None else K_ACCEPT_TIMEOUT
             if remaining <= 0:
                 break
             try:
                 data = await asyncio.wait_for(channel.receive(), remaining)
             except TimeoutError:
-                break
+                continue
             except PeerUnavailableError as exc:
-                error = str(exc)
+                errors.append(str(exc))
                 break
             if not data:
-                error = "sender closed early"
+                errors.append("sender closed early")
                 break
-            if duration is None:
+            if head is not None:
                 head += data
                 if len(head) < K_HEADER.size:
                     continue
-                duration = K_HEADER.unpack_from(head)[0]
-                deadline = t0 + duration
+                window.set_duration(K_HEADER.unpack_from(head)[0])
                 total += len(head) - K_HEADER.size
+                head = None
             else:
                 total += len(data)
-        seconds = min(time.monotonic(), deadline) - t0
-        out: dict[str, Any] = {"bytes": total, "seconds": seconds}
-        if error:
-            out["error"] = error
-        if not result.done():
-            result.set_result(out)
 
-    server = await carrier.listen(host, port, tls=None, handler=handler)
+    server = await carrier.listen_on(sock, tls=None, handler=handler)
+    give_up = time.monotonic() + accept_timeout
     try:
-        return await asyncio.wait_for(asyncio.shield(result), accept_timeout + K_ACCEPT_TIMEOUT)
-    except TimeoutError:
-        return {"bytes": 0, "seconds": 0.0, "error": "no connection"}
+        while True:
+            deadline = window.deadline()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if window.t0 == 0.0 and now > give_up:
+                break
+            await asyncio.sleep(K_POLL)
     finally:
         await server.aclose()
-        await asyncio.sleep(0.05)  # let CONNECTION_CLOSE leave
+    deadline = window.deadline()
+    seconds = (min(time.monotonic(), deadline) - window.t0) if deadline is not None else 0.0
+    out: dict[str, Any] = {"bytes": total, "seconds": seconds, "streams": streams}
+    if errors:
+        out["error"] = errors[0]
+    return out
+
+
+def _reuseport_sockets(listen: str, count: int) -> list[socket.socket]:
+    host, port = _split(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        socks.append(sock)
+    return socks
+
+
+def serve(listen: str, *, accept_timeout: float = K_ACCEPT_TIMEOUT, connections: int = 1) -> dict[str, Any]:
+    """Receive for the announced window on ``connections`` processes (SO_REUSEPORT); receiver JSON.
+
+    Every socket of the reuse-port group is bound before the first worker starts, so the kernel's
+    spreading of connections over the sockets never changes under a running connection.
+    """
+    ctx = multiprocessing.get_context("fork")
+    window = _Window(ctx)
+    socks = _reuseport_sockets(listen, connections)
+    results: Queue[dict[str, Any]] = ctx.Queue()
+    workers = []
+    for sock in socks[1:]:
+        proc = ctx.Process(target=_serve_worker, args=(sock, window, accept_timeout, results), daemon=True)
+        proc.start()
+        sock.close()
+        workers.append(proc)
+    outs = [_run(_serve_one(socks[0], window, accept_timeout))]
+    outs += _collect(results, workers)
+    return _merge_receivers(outs)
+
+
+def _serve_worker(sock: socket.socket, window: _Window, accept_timeout: float, results: Queue[dict[str, Any]]) -> None:
+    _die_with_parent()
+    results.put(_run(_serve_one(sock, window, accept_timeout)))
+
+
+def _merge_receivers(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "bytes": sum(int(o.get("bytes", 0)) for o in outs),
+        "seconds": max(float(o.get("seconds", 0.0)) for o in outs),
+        "connections": len(outs),
+        "per_connection": [o.get("bytes", 0) for o in outs],
+    }
+    served = [o for o in outs if o.get("streams")]
+    errors = [o["error"] for o in served if "error" in o]
+    if not served:
+        merged["error"] = "no connection"
+    elif errors:
+        merged["error"] = errors[0]
+    return merged
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive the process the harness signals (PR_SET_PDEATHSIG = SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _collect(results: Queue[dict[str, Any]], workers: Sequence[BaseProcess]) -> list[dict[str, Any]]:
+    outs = []
+    for _ in workers:
+        try:
+            outs.append(results.get(timeout=K_WORKER_TIMEOUT))
+        except queue.Empty:
+            outs.append({"bytes": 0, "seconds": 0.0, "error": "worker gave no result"})
+    for proc in workers:
+        proc.join(timeout=1.0)
+        if proc.is_alive():
+            proc.kill()
+    return outs
 
 
 def _stats_json(stats: CongestionStatistics) -> dict[str, Any]:
@@ -132,7 +258,7 @@ def _stats_json(stats: CongestionStatistics) -> dict[str, Any]:
     }
 
 
-async def send(connect: str, *, duration: float, cc: str) -> dict[str, Any]:
+async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]:
     """Send for ``duration`` seconds (and on until the receiver closes); return the sender JSON."""
     host, port = _split(connect)
     carrier = QuicCarrier(_config(cc))
@@ -178,17 +304,57 @@ async def send(connect: str, *, duration: float, cc: str) -> dict[str, Any]:
     return out
 
 
+def send(connect: str, *, duration: float, cc: str, connections: int = 1) -> dict[str, Any]:
+    """``connections`` senders, one process and one QUIC connection each; the merged sender JSON."""
+    ctx = multiprocessing.get_context("fork")
+    results: Queue[dict[str, Any]] = ctx.Queue()
+    workers = []
+    for _ in range(connections - 1):
+        proc = ctx.Process(target=_send_worker, args=(connect, duration, cc, results), daemon=True)
+        proc.start()
+        workers.append(proc)
+    outs = [_run(_send_one(connect, duration=duration, cc=cc))]
+    outs += _collect(results, workers)
+    if len(outs) == 1:
+        return outs[0]
+    merged = dict(outs[0])
+    for key in ("bytes_sent", "packets_sent", "packets_lost", "stream_bytes"):
+        merged[key] = sum(int(o.get(key, 0)) for o in outs)
+    merged["connections"] = len(outs)
+    merged["per_connection"] = [{k: v for k, v in o.items() if k != "final"} for o in outs]
+    errors = [o["error"] for o in outs if "error" in o]
+    merged.pop("error", None)
+    if errors:
+        merged["error"] = errors[0]
+    return merged
+
+
+def _send_worker(connect: str, duration: float, cc: str, results: Queue[dict[str, Any]]) -> None:
+    _die_with_parent()
+    try:
+        results.put(_run(_send_one(connect, duration=duration, cc=cc)))
+    except FedgateError as exc:
+        results.put({"error": str(exc)})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedgate.congestion.quic_bulk", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="receive one transfer and print its goodput window")
     s.add_argument("--listen", required=True, metavar="HOST:PORT")
     s.add_argument("--accept-timeout", type=float, default=K_ACCEPT_TIMEOUT, metavar="S")
+    s.add_argument("--connections", type=int, default=_default_connections(), metavar="N", help=K_CONN_HELP)
     c = sub.add_parser("send", help="send for a duration")
     c.add_argument("--connect", required=True, metavar="HOST:PORT")
     c.add_argument("--duration", type=float, required=True, metavar="S")
     c.add_argument("--cc", default=QuicConfig().congestion_control, metavar="NAME")
+    c.add_argument("--connections", type=int, default=_default_connections(), metavar="N", help=K_CONN_HELP)
     return p
+
+
+def _default_connections() -> int:
+    text = os.environ.get(K_CONNECTIONS_ENV, "")
+    return int(text) if text.isdigit() and int(text) > 0 else K_DEFAULT_CONNECTIONS
 
 
 def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
@@ -203,11 +369,13 @@ def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     try:
+        if args.connections < 1:
+            raise ConfigError("must be >= 1", path="--connections")
         if args.cmd == "serve":
-            out = _run(serve(args.listen, accept_timeout=args.accept_timeout))
+            out = serve(args.listen, accept_timeout=args.accept_timeout, connections=args.connections)
         else:
             check_controller_name(args.cc, path="--cc")
-            out = _run(send(args.connect, duration=args.duration, cc=args.cc))
+            out = send(args.connect, duration=args.duration, cc=args.cc, connections=args.connections)
     except FedgateError as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
         print(f"quic_bulk: {exc}", file=sys.stderr)

@@ -655,10 +655,28 @@ class QuicCarrier:
     async def listen(
         self, host: str, port: int, *, tls: ssl.SSLContext | None, handler: ChannelHandler
     ) -> QuicCarrierServer:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+            sock = socket.socket(infos[0][0], socket.SOCK_DGRAM)
+            try:
+                sock.bind(infos[0][4])
+            except OSError:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise PeerUnavailableError(f"quic {host}:{port}: cannot listen: {exc}") from exc
+        return await self.listen_on(sock, tls=tls, handler=handler)
+
+    async def listen_on(
+        self, sock: socket.socket, *, tls: ssl.SSLContext | None, handler: ChannelHandler
+    ) -> QuicCarrierServer:
+        """Like ``listen``, on a bound UDP socket (e.g. one of an SO_REUSEPORT group); takes it over."""
         identity = self._identity_for(tls)
         cfg = self._configuration(is_client=False, identity=identity, server_name=None)
         if self._qlog is not None:
             cfg.quic_logger = self._qlog
+        _grow_socket_buffers(sock)
         protocols: set[_LinkProtocol] = set()
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
@@ -692,18 +710,6 @@ class QuicCarrier:
             protocols.add(protocol)
             return protocol
 
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-            family, addr = infos[0][0], infos[0][4]
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                _grow_socket_buffers(sock)
-                sock.bind(addr)
-            except OSError:
-                sock.close()
-                raise
-        except OSError as exc:
-            raise PeerUnavailableError(f"quic {host}:{port}: cannot listen: {exc}") from exc
         _, server = await loop.create_datagram_endpoint(
             lambda: QuicServer(configuration=cfg, create_protocol=create_protocol), sock=sock
         )

@@ -1,4 +1,4 @@
-"""A UDP relay on 127.0.0.1 that can black-hole the path (both directions) for the outage tests."""
+"""A UDP relay on 127.0.0.1 that can black-hole the path or change its source address (rebinding)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ class UdpRelay(asyncio.DatagramProtocol):
         await loop.create_datagram_endpoint(lambda: upstream, local_addr=("127.0.0.1", 0))
         assert upstream.transport is not None
         upstream.transport.sendto(first, self.target)
+
+    def rebind(self) -> None:
+        """NAT rebinding: later datagrams reach the server from new source ports."""
+        for upstream in self._upstreams.values():
+            if upstream.transport is not None:
+                upstream.transport.close()
+        self._upstreams.clear()
 
     def close(self) -> None:
         for upstream in self._upstreams.values():
