@@ -33,6 +33,7 @@ from fedgate.proxy import protos as _protos  # noqa: F401 - generated stubs are 
 from fedgate.proxy.dispatch import Dispatcher, Inspector
 from fedgate.proxy.front_osx import OsxProtocolServicer, OsxTransportServicer
 from fedgate.proxy.front_rollsite import DataTransferServicer, RouteServicer
+from fedgate.proxy.links import LinkManager
 from fedgate.proxy.osx_client import OsxForwarder, server_options
 from fedgate.proxy.protos import osx_pb2_grpc, proxy_pb2_grpc
 from fedgate.proxy.route_reload import RouteReloader
@@ -69,6 +70,7 @@ class Gateway:
         self.ports: BoundPorts | None = None
         self.store: SqliteStore | None = None
         self.router: Router | None = None
+        self.links: LinkManager | None = None
         self._notifier = SystemdNotifier.from_environment()
 
     # -- control -------------------------------------------------------------------------------
@@ -98,51 +100,41 @@ class Gateway:
         reloader = RouteReloader(config.routes, registry=self.registry)
         reloader.load_initial()
         self.router = reloader.router
-        store = self.store = await SqliteStore.open(config.store, max_message_bytes=config.front.max_message_bytes)
-        forwarder = OsxForwarder(max_message_bytes=config.front.max_message_bytes,
-                                 timeout=config.front.forward_timeout_s)
-        inspect: Inspector | None = None
-        dispatcher = Dispatcher(
-            party_ids=config.gateway.party_ids, store=store, router=reloader.router, forwarder=forwarder,
-            metrics=self.metrics, inspect=inspect,
-        )
-        rpc = RpcObserver(self.metrics)
-        server = grpc.aio.server(options=server_options(config.front.max_message_bytes),
-                                 maximum_concurrent_rpcs=None)
-        osx_pb2_grpc.add_PrivateTransferTransportServicer_to_server(
-            OsxTransportServicer(dispatcher=dispatcher, store=store, max_pop_wait_s=config.front.max_pop_wait_s,
-                                 rpc=rpc), server)
-        osx_pb2_grpc.add_PrivateTransferProtocolServicer_to_server(
-            OsxProtocolServicer(dispatcher=dispatcher, rpc=rpc), server)
-        data_transfer = DataTransferServicer(
-            dispatcher=dispatcher, router=reloader.router, store=store, rpc=rpc,
-            max_message_bytes=config.front.max_message_bytes, control_timeout_s=config.front.control_timeout_s,
-            forward_timeout_s=config.front.forward_timeout_s,
-        )
-        proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(data_transfer, server)
-        proxy_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(router=reloader.router, rpc=rpc), server)
-        host, port = parse_hostport(config.front.listen, path="front.listen")
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        if bound == 0:
-            raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local",
-                              path="front.listen")
-        metrics_server: MetricsServer | None = None
-        if config.metrics.listen:
-            mhost, mport = parse_hostport(config.metrics.listen, path="metrics.listen")
-            try:
-                metrics_server = MetricsServer(self.registry, mhost, mport)
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {config.metrics.listen}: {exc.strerror}",
-                                  path="metrics.listen") from exc
-            metrics_server.start()
-        await server.start()
-        self.ports = BoundPorts(front=bound, metrics=metrics_server.port if metrics_server else None)
-        log.info("gateway ready", extra={"fields": {
-            "name": config.display_name, "parties": ",".join(config.gateway.party_ids), "front": f"{host}:{bound}",
-            "metrics": config.metrics.listen or "off", "routes": str(config.routes.file)}})
-        self._notifier.ready(status=f"serving parties {','.join(config.gateway.party_ids)} on {host}:{bound}")
-        self._ready.set()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Resources are closed in reverse order of opening, whatever fails on the way.
+            store = self.store = await SqliteStore.open(config.store,
+                                                        max_message_bytes=config.front.max_message_bytes)
+            stack.push_async_callback(store.aclose)
+            forwarder = OsxForwarder(max_message_bytes=config.front.max_message_bytes,
+                                     timeout=config.front.forward_timeout_s)
+            stack.push_async_callback(forwarder.aclose)
+            inspect: Inspector | None = None
+            links = self.links = LinkManager(config, store=store, router=reloader.router, registry=self.registry)
+            stack.push_async_callback(links.aclose)
+            dispatcher = Dispatcher(
+                party_ids=config.gateway.party_ids, store=store, router=reloader.router, forwarder=forwarder,
+                metrics=self.metrics, inspect=inspect, on_outbox=links.wake,
+            )
+            server, data_transfer = self._front(dispatcher, store, reloader.router)
+            stack.push_async_callback(data_transfer.aclose)
+            host, port = parse_hostport(config.front.listen, path="front.listen")
+            bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            if bound == 0:
+                raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local",
+                                  path="front.listen")
+            await links.start()
+            metrics_server = self._metrics_server()
+            if metrics_server is not None:
+                stack.callback(metrics_server.close)
+            await server.start()
+            stack.push_async_callback(server.stop, None)
+            self.ports = BoundPorts(front=bound, metrics=metrics_server.port if metrics_server else None)
+            log.info("gateway ready", extra={"fields": {
+                "name": config.display_name, "parties": ",".join(config.gateway.party_ids),
+                "front": f"{host}:{bound}", "link": config.link.listen, "metrics": config.metrics.listen or "off",
+                "routes": str(config.routes.file)}})
+            self._notifier.ready(status=f"serving parties {','.join(config.gateway.party_ids)} on {host}:{bound}")
+            self._ready.set()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(reloader.run(self._stop))
                 tg.create_task(self._housekeeping(store))
@@ -153,15 +145,39 @@ class Gateway:
                 self._notifier.stopping()
                 await store.release_waiters("gateway is shutting down")
                 await server.stop(grace=config.gateway.drain_timeout_s)
-        finally:
-            with contextlib.suppress(Exception):
-                await server.stop(grace=None)
-            await data_transfer.aclose()
-            await forwarder.aclose()
-            await store.aclose()
-            if metrics_server is not None:
-                metrics_server.close()
-            log.info("gateway stopped")
+        log.info("gateway stopped")
+
+    def _front(
+        self, dispatcher: Dispatcher, store: SqliteStore, router: Router
+    ) -> tuple[grpc.aio.Server, DataTransferServicer]:
+        """The FATE-facing gRPC server with every front-end service registered."""
+        front = self.config.front
+        rpc = RpcObserver(self.metrics)
+        server = grpc.aio.server(options=server_options(front.max_message_bytes), maximum_concurrent_rpcs=None)
+        osx_pb2_grpc.add_PrivateTransferTransportServicer_to_server(
+            OsxTransportServicer(dispatcher=dispatcher, store=store, max_pop_wait_s=front.max_pop_wait_s, rpc=rpc),
+            server)
+        osx_pb2_grpc.add_PrivateTransferProtocolServicer_to_server(
+            OsxProtocolServicer(dispatcher=dispatcher, rpc=rpc), server)
+        data_transfer = DataTransferServicer(
+            dispatcher=dispatcher, router=router, store=store, rpc=rpc, max_message_bytes=front.max_message_bytes,
+            control_timeout_s=front.control_timeout_s, forward_timeout_s=front.forward_timeout_s,
+        )
+        proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(data_transfer, server)
+        proxy_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(router=router, rpc=rpc), server)
+        return server, data_transfer
+
+    def _metrics_server(self) -> MetricsServer | None:
+        if not self.config.metrics.listen:
+            return None
+        host, port = parse_hostport(self.config.metrics.listen, path="metrics.listen")
+        try:
+            server = MetricsServer(self.registry, host, port)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.config.metrics.listen}: {exc.strerror}",
+                              path="metrics.listen") from exc
+        server.start()
+        return server
 
     async def _reloads(self, reloader: RouteReloader) -> None:
         while not self._stop.is_set():

@@ -112,6 +112,10 @@ class LinkConfig:
     """Unacknowledged bytes in flight per link (credit window)."""
     insecure: bool = False
     """Allow plain-text links (tests and trusted labs only); otherwise mTLS is required."""
+    quic: bool = True
+    """Also accept QUIC links on the same port number (UDP)."""
+    rdma_listen: str = ""
+    """host:port of the RDMA carrier's control listener; empty: no RDMA links accepted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,8 @@ class FedgateConfig:
         """Cross-field checks that a single field's type cannot express."""
         parse_hostport(self.front.listen, path="front.listen", source=source)
         parse_hostport(self.link.listen, path="link.listen", source=source)
+        if self.link.rdma_listen:
+            parse_hostport(self.link.rdma_listen, path="link.rdma_listen", source=source)
         if self.metrics.listen:
             parse_hostport(self.metrics.listen, path="metrics.listen", source=source)
         tls_files = (self.tls.cert_file, self.tls.key_file)

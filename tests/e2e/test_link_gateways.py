@@ -1,0 +1,139 @@
+"""Store-and-forward between two gateways over the fedgate link: TCP and QUIC, plain and mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from typing import Any
+
+import pytest
+
+from fedgate.proxy.certs import issue_party, load_or_create_ca
+from fedgate.proxy.osx_client import OsxQueueClient
+from tests.proxy.gateways import GatewayProcess, build, free_port, front_of, gateway_data, processes, running
+
+SESSION = "202611270000"
+TOPIC = f"{SESSION}-guest-9999-host-10000-w"
+
+
+def link_port(data: dict[str, Any]) -> int:
+    return int(data["link"]["listen"].rsplit(":", 1)[1])
+
+
+def pair(tmp_path: pathlib.Path, transport: str, *, tls: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    extra: dict[str, dict[str, Any]] = {}
+    tls_of: dict[str, dict[str, Any]] = {}
+    if tls:
+        ca = load_or_create_ca(tmp_path / "certs")
+        for party in ("9999", "10000"):
+            cert, key = issue_party(tmp_path / "certs", party, ca=ca)
+            tls_of[party] = {"ca_file": str(tmp_path / "certs" / "ca.pem"), "cert_file": str(cert),
+                             "key_file": str(key)}
+    b = gateway_data(tmp_path, "10000", {"9999": {"default": [{"ip": "127.0.0.1", "port": 1, "transport": transport}]}},
+                     **({"tls": tls_of["10000"], "link": {"insecure": False}} if tls else extra))
+    a = gateway_data(tmp_path, "9999", {"10000": {"default": [
+        {"ip": "127.0.0.1", "port": link_port(b), "transport": transport}]}},
+        **({"tls": tls_of["9999"], "link": {"insecure": False}} if tls else extra))
+    return a, b
+
+
+async def exchange(a: dict[str, Any], b: dict[str, Any], count: int, size: int) -> list[bytes]:
+    pusher = OsxQueueClient(f"127.0.0.1:{front_of(a)}", party="9999")
+    popper = OsxQueueClient(f"127.0.0.1:{front_of(b)}", party="10000")
+    sent = [bytes([i % 251]) * size + b"%d" % i for i in range(count)]
+    for payload in sent:
+        await pusher.push(session=SESSION, topic=TOPIC, target="10000", payload=payload)
+    got: list[bytes] = []
+    for _ in sent:
+        payload = await popper.pop(session=SESSION, topic=TOPIC, timeout=30)
+        assert payload is not None, "a message did not arrive"
+        got.append(payload)
+    extra = await popper.pop(session=SESSION, topic=TOPIC, timeout=0.3)
+    assert extra is None  # exactly once
+    await pusher.aclose()
+    await popper.aclose()
+    assert got == sent  # in order
+    return got
+
+
+@pytest.mark.parametrize(("transport", "tls"), [("tcp", False), ("tcp", True), ("quic", True)],
+                         ids=["tcp-plain", "tcp-mtls", "quic-mtls"])
+def test_messages_cross_the_link_exactly_once_in_order(tmp_path: pathlib.Path, transport: str, tls: bool) -> None:
+    a, b = pair(tmp_path, transport, tls=tls)
+
+    async def main() -> None:
+        async with running(build(b)) as gb, running(build(a)) as ga:
+            await exchange(a, b, 30, 50_000)
+            await exchange(a, b, 3, 3 * 1024 * 1024)  # several link chunks each
+            assert ga.links is not None and gb.links is not None
+            stats = ga.links.sender_statistics()["10000"]
+            assert stats.connected and stats.messages_acked == 33
+            listener = gb.links.listener_statistics()
+            assert listener is not None and listener.messages_stored == 33
+
+    asyncio.run(main())
+
+
+def test_peer_down_for_a_while_then_everything_arrives(tmp_path: pathlib.Path) -> None:
+    """The sender's push succeeds while the peer gateway is down; the outbox delivers when it returns."""
+    a, b = pair(tmp_path, "tcp", tls=False)
+    gw_b = GatewayProcess(b, tmp_path / "10000")
+    with processes(GatewayProcess(a, tmp_path / "9999")):
+
+        async def push() -> None:
+            client = OsxQueueClient(f"127.0.0.1:{front_of(a)}", party="9999")
+            for i in range(20):
+                await client.push(session=SESSION, topic=TOPIC, target="10000", payload=b"%d" % i)
+            await client.aclose()
+
+        asyncio.run(push())
+        with processes(gw_b):
+
+            async def pop() -> list[bytes | None]:
+                client = OsxQueueClient(f"127.0.0.1:{front_of(b)}", party="10000")
+                got = [await client.pop(session=SESSION, topic=TOPIC, timeout=60) for _ in range(20)]
+                await client.aclose()
+                return got
+
+            assert asyncio.run(pop()) == [b"%d" % i for i in range(20)]
+
+
+def test_a_peer_with_another_partys_certificate_is_refused(tmp_path: pathlib.Path) -> None:
+    a, b = pair(tmp_path, "tcp", tls=True)
+    # Gateway B presents party 9999's certificate while claiming to be 10000.
+    b["tls"]["cert_file"] = a["tls"]["cert_file"]
+    b["tls"]["key_file"] = a["tls"]["key_file"]
+
+    async def main() -> None:
+        async with running(build(b)) as gb, running(build(a)) as ga:
+            client = OsxQueueClient(f"127.0.0.1:{front_of(a)}", party="9999")
+            await client.push(session=SESSION, topic=TOPIC, target="10000", payload=b"x")  # durable in the outbox
+            await client.aclose()
+            await asyncio.sleep(1.5)
+            assert ga.links is not None and gb.store is not None
+            stats = ga.links.sender_statistics()["10000"]
+            assert not stats.connected
+            assert "9999" in stats.last_error  # says whose certificate was presented
+            assert gb.store.statistics().queued_messages == 0
+            assert ga.store is not None and ga.store.statistics().outbox_messages == 1
+
+    asyncio.run(main())
+
+
+def test_links_without_tls_or_insecure_stay_off_and_say_so(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = gateway_data(tmp_path, "9999", {"10000": {"default": [{"ip": "127.0.0.1", "port": free_port(),
+                                                                "transport": "tcp"}]}}, link={"insecure": False})
+
+    async def main() -> None:
+        async with running(build(a)) as ga:
+            client = OsxQueueClient(f"127.0.0.1:{front_of(a)}", party="9999")
+            await client.push(session=SESSION, topic=TOPIC, target="10000", payload=b"x")
+            await client.aclose()
+            assert ga.store is not None and ga.store.statistics().outbox_messages == 1
+            assert ga.links is not None and ga.links.sender_statistics() == {}
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert "links disabled" in caplog.text
