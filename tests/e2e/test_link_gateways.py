@@ -45,9 +45,9 @@ async def exchange(a: dict[str, Any], b: dict[str, Any], count: int, size: int) 
         await pusher.push(session=SESSION, topic=TOPIC, target="10000", payload=payload)
     got: list[bytes] = []
     for _ in sent:
-        payload = await popper.pop(session=SESSION, topic=TOPIC, timeout=30)
-        assert payload is not None, "a message did not arrive"
-        got.append(payload)
+        popped = await popper.pop(session=SESSION, topic=TOPIC, timeout=30)
+        assert popped is not None, "a message did not arrive"
+        got.append(popped)
     extra = await popper.pop(session=SESSION, topic=TOPIC, timeout=0.3)
     assert extra is None  # exactly once
     await pusher.aclose()
