@@ -7,8 +7,8 @@ Rules of this module:
 2. A message is acknowledged only after ``Inbox.deliver`` returned (durable; a duplicate counts as
    delivered); a chunk's credit is returned only after it is staged. ``StoreFullError`` never drops
    anything: the write is retried with backoff while the sender runs out of credit (backpressure).
-3. Order: chunks are staged in wire order by the reader; complete messages go to one delivery lane
-   per (session, topic), FIFO, lanes run concurrently. Order per (session, topic) is what the
+3. Order: chunks are staged in wire order by one staging task; complete messages go to one delivery
+   lane per (session, topic), FIFO, lanes run concurrently. Order per (session, topic) is what the
    destination queues promise, and a slow topic does not stall the others.
 4. The ``on_inbound`` hook (the audit chain) sees each complete message before it is delivered.
    Returning a :class:`Rejection` is final: the message is not stored, the sender is told
@@ -99,7 +99,7 @@ class LinkListener:
         session = _InboundSession(self, core, channel)
         self._open += 1
         try:
-            why = await session.conn.run()
+            why = await session.conn.run(session.run_staging())
         finally:
             self._open -= 1
             party = core.peer_party
@@ -152,16 +152,36 @@ class LinkListener:
                 delay = min(delay * 2, self._retry[1])
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """One MSG frame's work for the staging task, in wire order."""
+
+    envelope: Envelope
+    charge: int
+    payload: bytes | None = None
+    """The whole message (single-frame messages skip staging)."""
+    append: bytes | None = None
+    at: int = 0
+    last: bool = False
+    total: int = 0
+
+
 class _InboundSession:
-    """State of one inbound connection: the staging cursor and the delivery lanes."""
+    """State of one inbound connection: the staging cursor, the staging task and the delivery lanes.
+
+    The reader only decides (where a chunk goes, whether to ask for a rewind); the store writes run in
+    the staging task, in wire order, so a slow or full store never stops the reader from answering
+    PINGs (credit already stops the sender).
+    """
 
     def __init__(self, listener: LinkListener, core: LinkReceiverCore, channel: ByteChannel) -> None:
         self.listener = listener
         self.core = core
         self.conn = LinkConnection(core, channel, self._on_event)
         self.party = "?"
-        self._staging: tuple[str, int] | None = None
-        """(message id, bytes the store holds) of the message being staged."""
+        self._tracked: tuple[str, int] | None = None
+        """(message id, bytes staged once the queued appends are done) of the message being received."""
+        self._staging: asyncio.Queue[_Staged] = asyncio.Queue()  # bounded by credit
         self._lanes: dict[tuple[str, str], collections.deque[tuple[Envelope, int]]] = {}
 
     async def _on_event(self, event: LinkEvent) -> None:
@@ -172,44 +192,56 @@ class _InboundSession:
             self.listener._admit(self, event.peer_party, probe=K_PROBE_CAPABILITY in event.capabilities)
 
     async def _on_chunk(self, ev: ChunkReceived) -> None:
-        listener, inbox, core = self.listener, self.listener._inbox, self.core
+        listener, core = self.listener, self.core
         mid = ev.envelope.message_id
         listener._counts["bytes"] += len(ev.data)
         if listener._metrics:
             listener._metrics.received_bytes.labels(self.party).inc(len(ev.data))
         if ev.whole:
-            self._enqueue(dataclasses.replace(ev.envelope, payload=ev.data), ev.charge)
+            self._staging.put_nowait(_Staged(ev.envelope, ev.charge, payload=ev.data))
             return
-        if ev.first or self._staging is None or self._staging[0] != mid:
-            self._staging = (mid, await inbox.partial_size(mid))
-        have = self._staging[1]
+        if self._tracked is None or self._tracked[0] != mid:
+            self._tracked = (mid, await listener._inbox.partial_size(mid))
+        have = self._tracked[1]
         plan = plan_chunk(have=have, offset=ev.offset, data=ev.data)
-        if plan.resume:
-            self._staging = None
+        if plan.resume:  # the store lacks bytes before this chunk: rewind the sender to ``have``
             core.resume(mid, have)
             core.release(ev.charge)
             return
         if plan.hint:
             core.progress(mid, have)
+        append = None
         if plan.append is not None:
-            chunk = ev.data if len(plan.append) == len(ev.data) else bytes(plan.append)
-            at = have
+            append = ev.data if len(plan.append) == len(ev.data) else bytes(plan.append)
+        self._staging.put_nowait(_Staged(ev.envelope, ev.charge, append=append, at=have, last=ev.last,
+                                         total=ev.total))
+        self._tracked = None if ev.last else (mid, have + len(append or b""))
 
-            async def append() -> None:
-                await inbox.append_partial(mid, at, chunk)
+    async def run_staging(self) -> None:
+        """Store chunks in wire order; hand complete messages to their lanes (rule 3)."""
+        listener, inbox, core = self.listener, self.listener._inbox, self.core
+        while True:
+            item = await self._staging.get()
+            mid = item.envelope.message_id
+            if item.payload is not None:
+                self._enqueue(dataclasses.replace(item.envelope, payload=item.payload), item.charge)
+                continue
+            if item.append is not None:
+                chunk, at = item.append, item.at
 
-            await listener._store(append, self.party)
-            have += len(chunk)
-            self._staging = (mid, have)
-            core.progress(mid, have)
-        if ev.last:
-            self._staging = None
-            payload = await inbox.take_partial(mid)
-            if len(payload) != ev.total:
-                raise LinkProtocolViolation(f"message {mid}: staged {len(payload)} bytes, expected {ev.total}")
-            self._enqueue(dataclasses.replace(ev.envelope, payload=payload), ev.charge)
-        else:
-            core.release(ev.charge)
+                async def append(mid: str = mid, chunk: bytes = chunk, at: int = at) -> None:
+                    await inbox.append_partial(mid, at, chunk)
+
+                await listener._store(append, self.party)
+                core.progress(mid, at + len(chunk))
+            if item.last:
+                payload = await inbox.take_partial(mid)
+                if len(payload) != item.total:
+                    raise LinkProtocolViolation(f"message {mid}: staged {len(payload)} bytes, expected {item.total}")
+                self._enqueue(dataclasses.replace(item.envelope, payload=payload), item.charge)
+            else:
+                core.release(item.charge)
+            self.conn.kick()
 
     def _enqueue(self, envelope: Envelope, charge: int) -> None:
         key = (envelope.session_id, envelope.topic)

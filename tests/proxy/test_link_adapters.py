@@ -212,3 +212,23 @@ def test_a_message_the_store_can_never_take_is_rejected_not_retried() -> None:
             assert r.sender.statistics().messages_rejected == 1 and r.sender.statistics().reconnects == 0
 
     asyncio.run(main())
+
+
+def test_a_full_store_holds_back_without_the_link_timing_out() -> None:
+    """Staging waits on the store in its own task: PINGs keep being answered while the store is full."""
+
+    async def main() -> None:
+        async with rig(keepalive=0.1) as r:  # a silent peer would be dead after 0.3 s
+            await wait_for(lambda: r.sender.statistics().connected)
+            r.inbox.full = True
+            big = message(1, 12 * CHUNK, "t")
+            await r.outbox.put(RECEIVER, big)
+            await wait_for(lambda: r.inbox.full_refusals >= 20)
+            await asyncio.sleep(1.0)  # more than three keepalive intervals with the store refusing
+            assert r.sender.statistics().reconnects == 0 and r.outbox.acked == []
+            r.inbox.full = False
+            await wait_for(lambda: r.outbox.acked == ["m00001"])
+            assert r.inbox.queues[("s", "t")][0].payload == big.payload
+            assert r.sender.statistics().reconnects == 0
+
+    asyncio.run(main())
