@@ -49,6 +49,7 @@ _BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _STR_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 )
+_UTF8_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"})  # decoded as pickletools does
 _LEN_PREFIX = {
     pickletools.TAKEN_FROM_ARGUMENT1: (1, False),
     pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
@@ -198,8 +199,17 @@ class PickleWalker:
                 if length <= self._limits.inline_arg_bytes:
                     if pos + 1 + width + length > len(buf):
                         return
-                    value = self._read(op, bytes(buf[pos + 1 : pos + 1 + width + length]))
-                    pos += 1 + width + length
+                    start = pos + 1 + width
+                    if op.name in _BYTES_OPS:
+                        value = bytes(buf[start : start + length])
+                    elif op.name in _UTF8_OPS:
+                        try:
+                            value = str(buf[start : start + length], "utf-8", "surrogatepass")
+                        except UnicodeDecodeError as exc:
+                            self._error(f"{op.name}: {exc}")
+                    else:
+                        value = self._read(op, bytes(buf[pos + 1 : start + length]))
+                    pos = start + length
                     self._dispatch(op.name, value)
                     continue
                 if op.name not in _BYTES_OPS and op.name not in _STR_OPS:
