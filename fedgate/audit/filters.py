@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 K_MAX_BUCKETS = 65536  # rate-limit buckets remembered
+_FRAMINGS = frozenset({"osx", "rollsite"})  # Malformed.where of a payload that is not FATE-framed at all
 
 Direction = Literal["in", "out"]
 
@@ -166,6 +167,8 @@ class PickleFilter:
                     verb = "calls" if event.called else "imports"
                     return _reject(ctx, "pickle.global", f"pickle {verb} {event.qualname}: {why}")
             elif isinstance(event, Malformed):
+                if event.where in _FRAMINGS and not ctx.rule.require_fate_framing:
+                    continue  # an opaque (non-FATE) payload the policy lets through
                 return _reject(ctx, f"malformed.{event.where}", event.detail)
             elif isinstance(event, ScanLimit):
                 return _reject(ctx, "limit." + event.limit, event.detail)

@@ -136,6 +136,9 @@ class MessageRule:
     """Whether plain tensors may hold NaN at all (``required_features`` is checked regardless)."""
     allow_inf: bool = True
     """Whether plain tensors may hold +/-inf."""
+    require_fate_framing: bool = True
+    """Reject payloads that are not FATE messages (an OSX ``Message`` with a JSON head, a rollsite
+    ``Packet`` with a ``RollSiteHeader``); false lets such opaque payloads through uninspected."""
     max_message_bytes: int = field(default=0, metadata=bounds(ge=0))
     """Largest message payload in bytes; 0: unlimited."""
     max_object_bytes: int = field(default=0, metadata=bounds(ge=0))

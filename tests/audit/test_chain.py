@@ -116,6 +116,16 @@ def test_garbage_payloads_are_rejected_as_malformed() -> None:
     assert rule_of(chain, osx_envelope("x", b"not json", content_type="application/json")) == "malformed.table"
 
 
+def test_opaque_payloads_can_be_let_through() -> None:
+    env = Envelope(message_id="m", session_id="s", topic="t", src_party="1", dst_party="2", payload=b"\xff\x00junk")
+    assert rule_of(chain_of(), env) == "malformed.osx"
+    lenient = chain_of("[default]\nrequire_fate_framing = false")
+    assert rule_of(lenient, env) is None
+    # a FATE message with a bad body is still malformed
+    assert rule_of(lenient, osx_envelope("x", b"\x07abc")) == "malformed.fate"
+    assert rule_of(lenient, osx_envelope("x", fate_inline(gadget_pickle("true")))) == "pickle.global"
+
+
 def test_disabled_chain_passes_everything() -> None:
     chain = AuditChain(AuditConfig(enabled=False), AuditPolicy())
     result = chain.inspect(osx_envelope("x", fate_inline(gadget_pickle("true"))), "in", now=0.0)
