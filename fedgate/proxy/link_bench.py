@@ -2,8 +2,9 @@
 
 Rules of this module: every figure is printed next to the baseline measured in the same process and
 run (raw TLS 1.3 over TCP on 127.0.0.1, bulk writes, one event loop holding both ends, like the link
-runs); the ratio is what to compare across machines. Stores are in memory (a counting inbox that keeps
-ids, not payloads), so this measures the link protocol and carrier, not SQLite.
+runs); the ratio is what to compare across machines. By default the stores are in memory (a counting
+inbox that keeps ids, not payloads), so this measures the link protocol and carrier; ``--sqlite`` adds
+the same cases with the receiver writing into the real SQLite store.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from fedgate.config import StoreConfig
 from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_listener import LinkListener
 from fedgate.proxy.link_sender import LinkSender, carrier_dial
+from fedgate.proxy.store import SqliteStore
+from fedgate.proxy.store_api import Inbox
 from fedgate.proxy.tcp_carrier import TcpCarrier
 from fedgate.proxy.testing import MemoryOutbox
 
@@ -37,8 +41,6 @@ class _CountingInbox:
         self.count = 0
         self.bytes = 0
         self.partials: dict[str, bytearray] = {}
-        self.done = asyncio.Event()
-        self.expect = 0
 
     async def deliver(self, envelope: Envelope) -> bool:
         if envelope.message_id in self.seen:
@@ -46,9 +48,10 @@ class _CountingInbox:
         self.seen.add(envelope.message_id)
         self.count += 1
         self.bytes += envelope.size
-        if self.count >= self.expect:
-            self.done.set()
         return True
+
+    async def deliver_many(self, envelopes: list[Envelope]) -> list[bool]:
+        return [await self.deliver(env) for env in envelopes]
 
     async def partial_size(self, message_id: str) -> int:
         return len(self.partials.get(message_id, b""))
@@ -105,11 +108,21 @@ async def raw_tls(total: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl
 
 
 async def link_run(count: int, size: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl.SSLContext | None,
-                   *, chunk: int, window: int) -> float:
-    """Seconds for ``count`` messages of ``size`` bytes to be stored and acknowledged over a link."""
+                   *, chunk: int, window: int, sqlite_dir: pathlib.Path | None = None) -> float:
+    """Seconds for ``count`` messages of ``size`` bytes to be stored and acknowledged over a link.
+
+    With ``sqlite_dir`` the receiver stores into a fresh :class:`SqliteStore` there (the real inbox);
+    otherwise into a counting in-memory inbox, which measures the link alone.
+    """
     carrier = TcpCarrier()
-    inbox = _CountingInbox()
-    inbox.expect = count
+    counting = _CountingInbox()
+    store: SqliteStore | None = None
+    if sqlite_dir is not None:
+        db = sqlite_dir / f"bench-{count}-{size}.db"
+        for stale in sqlite_dir.glob(f"{db.name}*"):
+            stale.unlink()
+        store = await SqliteStore.open(StoreConfig(path=db, min_free_bytes=0), max_message_bytes=2**30)
+    inbox: Inbox = store if store is not None else counting
     outbox = MemoryOutbox()
     payload = bytes(size)
     for i in range(count):
@@ -125,13 +138,14 @@ async def link_run(count: int, size: int, server_ctx: ssl.SSLContext | None, cli
     )
     start = time.perf_counter()
     task = asyncio.create_task(sender.run())
-    await inbox.done.wait()
     while sender.statistics().messages_acked < count:
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - start
     await sender.aclose(drain_timeout=1.0)
     task.cancel()
     await server.aclose()
+    if store is not None:
+        await store.aclose()
     return elapsed
 
 
@@ -147,11 +161,16 @@ async def _bench(args: argparse.Namespace) -> None:
         print(f"{'raw socket, 1 MiB writes':<28}{raw_rate:>10.1f}{'':>12}{1.0:>9.2f}")
         cases = [("link, 1 MiB messages", args.total_mib, K_MIB),
                  ("link, 1 KiB messages", args.small_count, 1024)]
-        for label, count, size in cases:
-            secs = min([await link_run(count, size, server_ctx, client_ctx, chunk=args.chunk_kib * 1024,
-                                       window=args.window_mib * K_MIB) for _ in range(args.repeat)])
-            rate = count * size / secs / K_MIB
-            print(f"{label:<28}{rate:>10.1f}{count / secs:>12.0f}{rate / raw_rate:>9.2f}")
+        stores: list[tuple[str, pathlib.Path | None]] = [("", None)]
+        if args.sqlite:
+            stores.append((" (SQLite)", pathlib.Path(tmp)))
+        for suffix, sqlite_dir in stores:
+            for label, count, size in cases:
+                secs = min([await link_run(count, size, server_ctx, client_ctx, chunk=args.chunk_kib * 1024,
+                                           window=args.window_mib * K_MIB, sqlite_dir=sqlite_dir)
+                            for _ in range(args.repeat)])
+                rate = count * size / secs / K_MIB
+                print(f"{label + suffix:<28}{rate:>10.1f}{count / secs:>12.0f}{rate / raw_rate:>9.2f}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -162,6 +181,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--window-mib", type=int, default=64, help="link credit window in MiB (default 64)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is printed")
     parser.add_argument("--plain", action="store_true", help="no TLS (both baseline and link)")
+    parser.add_argument("--sqlite", action="store_true",
+                        help="also run the link cases with the receiver storing into the real SQLite store")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args(list(argv))
     if args.uvloop:

@@ -19,6 +19,8 @@ Rules of this module:
 6. A message the store can never take (MessageTooLargeError) is rejected (rule ``store-limits``),
    final like an audit rejection, so it cannot wedge the link; set ``LinkParams.max_message_bytes``
    to the store's limit and senders drop such messages before sending them (HELLO ``m``).
+7. Small messages are batched into the store: a lane hands up to K_LANE_BATCH queued messages to
+   ``deliver_many`` when the inbox has it (:class:`InboxBatch`), in order, in one durable write.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 from fedgate.errors import MessageTooLargeError, StoreFullError
 from fedgate.proxy.carrier import ByteChannel
@@ -41,14 +46,27 @@ from fedgate.proxy.link_recv import LinkReceiverCore, plan_chunk
 from fedgate.proxy.link_session import LinkConnection
 from fedgate.proxy.store_api import Inbox
 
-__all__ = ["K_PROBE_CAPABILITY", "InboundHook", "LinkListener", "LinkListenerStatistics"]
+__all__ = ["K_PROBE_CAPABILITY", "InboundHook", "InboxBatch", "LinkListener", "LinkListenerStatistics"]
 
 log = logging.getLogger("fedgate.link")
 
 K_PROBE_CAPABILITY = "probe"  # HELLO capability of a diagnostic connection (fedgate doctor)
+K_LANE_BATCH = 256  # messages of one topic stored in one write (with deliver_many)
+
+T = TypeVar("T")
 
 InboundHook = Callable[[Envelope], Awaitable[Rejection | None]]
 """Inspect a complete inbound message: None accepts, a Rejection refuses it for good."""
+
+
+@runtime_checkable
+class InboxBatch(Protocol):
+    """Optional Inbox extension: several messages in one durable write (proposed for store_api)."""
+
+    async def deliver_many(self, envelopes: list[Envelope]) -> list[bool]:
+        """``deliver`` for each, in order, in one transaction: all stored (True) or duplicate (False),
+        or an exception and none stored (StoreFullError / MessageTooLargeError as ``deliver``)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +93,7 @@ class LinkListener:
     ) -> None:
         self.params = params
         self._inbox = inbox
+        self._batch_inbox = inbox if isinstance(inbox, InboxBatch) else None
         self._allow = allow
         self._on_inbound = on_inbound
         self._metrics = metrics
@@ -136,7 +155,7 @@ class LinkListener:
         self._by_party[party] = session.conn
         return True
 
-    async def _store(self, write: Callable[[], Awaitable[bool | None]], party: str) -> bool | None:
+    async def _store(self, write: Callable[[], Awaitable[T]], party: str) -> T:
         """Run a store write, retrying StoreFullError with backoff for as long as it takes (rule 2)."""
         delay = self._retry[0]
         while True:
@@ -252,33 +271,47 @@ class _InboundSession:
         lane.append((envelope, charge))
 
     async def _run_lane(self, key: tuple[str, str], lane: collections.deque[tuple[Envelope, int]]) -> None:
-        listener, core, m = self.listener, self.core, self.listener._metrics
+        """Deliver a topic's messages in order, up to K_LANE_BATCH per store write (rule 7)."""
+        listener, core, m, hook = self.listener, self.core, self.listener._metrics, self.listener._on_inbound
         try:
             while lane:
-                envelope, charge = lane[0]
-                verdict = await listener._on_inbound(envelope) if listener._on_inbound else None
-                if verdict is not None:
-                    core.reject(envelope.message_id, rule=verdict.rule, detail=verdict.detail)
-                    listener._counts["rejected"] += 1
-                    if m:
-                        m.inbound_rejected.labels(self.party).inc()
-                else:
-                    async def deliver(env: Envelope = envelope) -> bool:
-                        return await listener._inbox.deliver(env)
-
-                    try:
-                        fresh = await listener._store(deliver, self.party)
-                    except MessageTooLargeError as exc:  # can never fit: final, like an audit rejection
-                        log.error("message %s from party %s refused: %s", envelope.message_id, self.party, exc)
-                        core.reject(envelope.message_id, rule="store-limits", detail=str(exc))
+                batch = list(itertools.islice(lane, K_LANE_BATCH))
+                verdicts = [await hook(env) if hook else None for env, _ in batch]
+                outcomes = iter(await self._deliver([env for (env, _), v in zip(batch, verdicts) if v is None]))
+                for (envelope, charge), verdict in zip(batch, verdicts):
+                    outcome = next(outcomes) if verdict is None else None
+                    if isinstance(outcome, MessageTooLargeError):  # can never fit: final, like an audit rejection
+                        log.error("message %s from party %s refused: %s", envelope.message_id, self.party, outcome)
+                        verdict = Rejection(envelope.message_id, "store-limits", str(outcome))
+                    if verdict is not None:
+                        core.reject(envelope.message_id, rule=verdict.rule, detail=verdict.detail)
                         listener._counts["rejected"] += 1
+                        if m:
+                            m.inbound_rejected.labels(self.party).inc()
                     else:
                         core.ack(envelope.message_id)
-                        listener._counts["stored" if fresh else "duplicates"] += 1
+                        listener._counts["stored" if outcome else "duplicates"] += 1
                         if m:
-                            (m.received_messages if fresh else m.duplicates).labels(self.party).inc()
-                core.release(charge)
-                lane.popleft()
+                            (m.received_messages if outcome else m.duplicates).labels(self.party).inc()
+                    core.release(charge)
+                    lane.popleft()
                 self.conn.kick()
         finally:
             del self._lanes[key]
+
+    async def _deliver(self, envelopes: list[Envelope]) -> list[bool | MessageTooLargeError]:
+        """Store in order: one ``deliver_many`` where the inbox has it, else one ``deliver`` each."""
+        listener, party = self.listener, self.party
+        batch_inbox = listener._batch_inbox
+        if len(envelopes) > 1 and batch_inbox is not None:
+            try:
+                return list(await listener._store(lambda: batch_inbox.deliver_many(envelopes), party))
+            except MessageTooLargeError:
+                pass  # one of them can never fit: find it below, the others go in one by one
+        out: list[bool | MessageTooLargeError] = []
+        for env in envelopes:
+            try:
+                out.append(await listener._store(functools.partial(listener._inbox.deliver, env), party))
+            except MessageTooLargeError as exc:
+                out.append(exc)
+        return out

@@ -86,6 +86,8 @@ class MemoryInbox:
         self.appended_bytes = 0
         """Payload bytes ever staged with append_partial (resume keeps this near the payload size)."""
         self.full_refusals = 0
+        self.batches = 0
+        """Calls of deliver_many."""
         self.max_message: int | None = None
         """Largest payload ``deliver`` takes; larger ones raise MessageTooLargeError."""
 
@@ -107,6 +109,28 @@ class MemoryInbox:
         self.order.append(envelope.message_id)
         self.partials.pop(envelope.message_id, None)
         return True
+
+    async def deliver_many(self, envelopes: list[Envelope]) -> list[bool]:
+        """All or nothing, like one transaction (the proposed ``InboxBatch`` extension)."""
+        await asyncio.sleep(0)
+        fresh = [env for env in envelopes if env.message_id not in self.seen]
+        if fresh:
+            self._check_space()
+            if self.max_message is not None and any(env.size > self.max_message for env in fresh):
+                raise MessageTooLargeError(f"a message is over the inbox limit of {self.max_message}")
+        self.batches += 1
+        out = []
+        for env in envelopes:
+            stored = env.message_id not in self.seen
+            if stored:
+                self.seen.add(env.message_id)
+                self.queues[(env.session_id, env.topic)].append(env)
+                self.order.append(env.message_id)
+                self.partials.pop(env.message_id, None)
+            else:
+                self.duplicates += 1
+            out.append(stored)
+        return out
 
     async def partial_size(self, message_id: str) -> int:
         return len(self.partials.get(message_id, b""))

@@ -232,3 +232,18 @@ def test_a_full_store_holds_back_without_the_link_timing_out() -> None:
             assert r.sender.statistics().reconnects == 0
 
     asyncio.run(main())
+
+
+def test_small_messages_of_one_topic_are_stored_in_batches_in_order() -> None:
+    async def main() -> None:
+        async with rig() as r:
+            r.carrier.refuse = True  # let a backlog build up, then release it at once
+            msgs = [message(i, 50, "t") for i in range(200)]
+            for m in msgs:
+                await r.outbox.put(RECEIVER, m)
+            r.carrier.refuse = False
+            await wait_for(lambda: len(r.outbox.acked) == len(msgs))
+            assert r.inbox.order == [m.message_id for m in msgs]
+            assert 1 <= r.inbox.batches < len(msgs) // 4  # many messages per store write
+
+    asyncio.run(main())
