@@ -16,37 +16,81 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 from prometheus_client import CollectorRegistry
 
 from fedgate import __version__
+from fedgate.audit.config import AuditConfig
+from fedgate.audit.filters import Direction, Reject
 from fedgate.config import FedgateConfig, parse_hostport
-from fedgate.errors import ConfigError
+from fedgate.errors import ConfigError, RejectedError
 from fedgate.metrics import GatewayMetrics, MetricsServer, new_registry
 from fedgate.proxy import protos as _protos  # noqa: F401 - generated stubs are importable
+from fedgate.proxy.dispatch import Direction as DispatchDirection
 from fedgate.proxy.dispatch import Dispatcher, Inspector
+from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.front_osx import OsxProtocolServicer, OsxTransportServicer
 from fedgate.proxy.front_rollsite import DataTransferServicer, RouteServicer
-from fedgate.proxy.links import LinkManager
+from fedgate.proxy.link_events import Rejection
+from fedgate.proxy.links import InboundHook, LinkManager, RejectedHook
 from fedgate.proxy.osx_client import OsxForwarder, server_options
 from fedgate.proxy.protos import osx_pb2_grpc, proxy_pb2_grpc
 from fedgate.proxy.route_reload import RouteReloader
 from fedgate.proxy.routing import Router
 from fedgate.proxy.rpc import RpcObserver
 from fedgate.proxy.store import SqliteStore
+from fedgate.proxy.store_api import OutboxItem
 from fedgate.sdnotify import SystemdNotifier
+
+if TYPE_CHECKING:
+    from fedgate.audit.chain import AuditChain
+    from fedgate.audit.ledger_writer import LedgerWriter
 
 __all__ = ["BoundPorts", "Gateway"]
 
 log = logging.getLogger("fedgate.gateway")
 
 K_GAUGE_INTERVAL = 1.0  # seconds between store gauge refreshes and watchdog pings (at most)
+
+
+def _audit_hooks(
+    chain: AuditChain, ledger: LedgerWriter | None
+) -> tuple[Inspector, InboundHook, RejectedHook]:
+    """The audit chain and ledger as the dispatcher's and the link's hooks."""
+
+    def audit(envelope: Envelope, direction: DispatchDirection) -> Reject | None:
+        way: Direction = "out" if direction == "outbound" else "in"
+        result = chain.inspect(envelope, way, now=time.time())
+        if ledger is not None:
+            verdict, rule = result.ledger_verdict
+            ledger.record(envelope, way, verdict, rule, now=time.time())
+        return result.verdict if isinstance(result.verdict, Reject) else None
+
+    async def inspect(envelope: Envelope, direction: DispatchDirection) -> None:
+        reject = audit(envelope, direction)
+        if reject is not None:
+            raise RejectedError(reject.rule, reject.detail)
+
+    async def on_inbound(envelope: Envelope) -> Rejection | None:
+        reject = audit(envelope, "inbound")
+        return None if reject is None else Rejection(envelope.message_id, reject.rule, reject.detail)
+
+    async def on_rejected(item: OutboxItem, rejection: Rejection) -> None:
+        log.error("party %s rejected message %s (session %s, topic %s): %s: %s", item.peer,
+                  item.envelope.message_id, item.envelope.session_id, item.envelope.topic, rejection.rule,
+                  rejection.detail)
+        if ledger is not None:
+            ledger.record(item.envelope, "out", "peer-reject", rejection.rule, now=time.time())
+
+    return inspect, on_inbound, on_rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +152,22 @@ class Gateway:
             forwarder = OsxForwarder(max_message_bytes=config.front.max_message_bytes,
                                      timeout=config.front.forward_timeout_s)
             stack.push_async_callback(forwarder.aclose)
+            audit = self._audit_config()
             inspect: Inspector | None = None
-            links = self.links = LinkManager(config, store=store, router=reloader.router, registry=self.registry)
+            on_inbound: InboundHook | None = None
+            on_rejected: RejectedHook | None = None
+            ledger: LedgerWriter | None = None
+            if audit.enabled:
+                from fedgate.audit.chain import AuditChain
+                from fedgate.audit.ledger_writer import LedgerWriter
+
+                chain = AuditChain.from_config(audit, registry=self.registry)
+                if audit.ledger:
+                    ledger = LedgerWriter.from_config(audit)
+                    stack.push_async_callback(ledger.aclose)
+                inspect, on_inbound, on_rejected = _audit_hooks(chain, ledger)
+            links = self.links = LinkManager(config, store=store, router=reloader.router, registry=self.registry,
+                                             on_inbound=on_inbound, on_rejected=on_rejected)
             stack.push_async_callback(links.aclose)
             dispatcher = Dispatcher(
                 party_ids=config.gateway.party_ids, store=store, router=reloader.router, forwarder=forwarder,
@@ -136,6 +194,7 @@ class Gateway:
             self._notifier.ready(status=f"serving parties {','.join(config.gateway.party_ids)} on {host}:{bound}")
             self._ready.set()
             async with asyncio.TaskGroup() as tg:
+                ledger_task = tg.create_task(ledger.run()) if ledger is not None else None
                 tg.create_task(reloader.run(self._stop))
                 tg.create_task(self._housekeeping(store))
                 tg.create_task(self._reloads(reloader))
@@ -145,7 +204,18 @@ class Gateway:
                 self._notifier.stopping()
                 await store.release_waiters("gateway is shutting down")
                 await server.stop(grace=config.gateway.drain_timeout_s)
+                await links.aclose()
+                if ledger_task is not None:
+                    ledger_task.cancel()  # the exit stack's ledger.aclose() writes what is still queued
         log.info("gateway stopped")
+
+    def _audit_config(self) -> AuditConfig:
+        """The audit section, with the ledger files next to the store unless set explicitly."""
+        audit, default = self.config.audit, AuditConfig()
+        home = self.config.store.path.parent
+        ledger_path = home / "ledger.db" if audit.ledger_path == default.ledger_path else audit.ledger_path
+        signing_key = home / "ledger-signing.key" if audit.signing_key == default.signing_key else audit.signing_key
+        return dataclasses.replace(audit, ledger_path=ledger_path, signing_key=signing_key)
 
     def _front(
         self, dispatcher: Dispatcher, store: SqliteStore, router: Router

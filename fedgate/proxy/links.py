@@ -220,6 +220,8 @@ class LinkManager:
         return None if self._listener is None else self._listener.statistics()
 
     async def aclose(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         await asyncio.gather(*(s.aclose() for s in self._senders.values()), return_exceptions=True)
         for task in list(self._tasks):
