@@ -6,8 +6,9 @@ Rules of this module:
    figure is printed with its ratio to the TCP baseline measured in the same command, between the
    same two hosts, with the same message sizes and the same asyncio process shape.
 2. Two roles: ``server`` listens for the RDMA carrier on PORT and for plain TCP on PORT+1; ``client``
-   connects to both and runs, per transport and size, a streaming test (bandwidth, message rate)
-   and a ping-pong test (round-trip time). ``local`` runs both roles in one process (smoke test).
+   connects to both and runs, per transport and size, a streaming test of ``--seconds`` (bandwidth,
+   message rate; at least ``--rounds`` messages) and ``--rounds`` ping-pongs (median round trip).
+   ``local`` runs both roles in one process (smoke test).
 3. The TCP baseline frames messages with a 4-byte length over asyncio streams: what a TCP link
    carrier does, without TLS (``--tls`` is not offered: compare like with like).
 """
@@ -100,11 +101,9 @@ async def measure(channel: Channel, transport: str, size: int, *, seconds: float
     elapsed = time.perf_counter() - start
     if reply["count"] != sent or reply["bytes"] != sent * size:
         raise RuntimeError(f"{transport}: server counted {reply}, client sent {sent} x {size}")
-    rounds = max(3, min(1000, int(seconds * 2e9 / max(size, 1) / 1e3) or 3))
-    rounds = min(rounds, 1000 if size <= 65536 else 20)
-    await channel.send(json.dumps({"op": "pingpong", "count": rounds}).encode())
+    await channel.send(json.dumps({"op": "pingpong", "count": min_msgs}).encode())
     rtts = []
-    for _ in range(rounds):
+    for _ in range(min_msgs):  # a fixed count: the server must know how many to echo
         t0 = time.perf_counter()
         await channel.send(payload)
         echoed = await channel.receive()
@@ -112,19 +111,6 @@ async def measure(channel: Channel, transport: str, size: int, *, seconds: float
         if len(echoed) != size:
             raise RuntimeError(f"{transport}: echo of {len(echoed)} bytes, sent {size}")
     return Result(transport, size, sent / elapsed, sent * size / elapsed / 1e9, statistics.median(rtts) * 1e6)
-
-
-async def open_channels(host: str, port: int, config: RdmaConfig, transports: Sequence[str]) -> dict[str, Channel]:
-    channels: dict[str, Channel] = {}
-    if "rdma" in transports:
-        from fedgate.rdma.verbs_link import RdmaCarrier
-
-        carrier = RdmaCarrier(config)
-        channels["rdma"] = await carrier.connect(host, port, tls=None, server_hostname=None, timeout=30.0)
-    if "tcp" in transports:
-        reader, writer = await asyncio.open_connection(host, port + 1, limit=1 << 20)
-        channels["tcp"] = TcpChannel(reader, writer)
-    return channels
 
 
 class _Closable(Protocol):
@@ -139,6 +125,22 @@ class _TcpServer:
         await asyncio.sleep(0.2)  # let the handlers see their clients' EOF first
         self._server.close()
         await self._server.wait_closed()
+
+
+async def open_channels(
+    host: str, port: int, config: RdmaConfig, transports: Sequence[str], closers: list[_Closable]
+) -> dict[str, Channel]:
+    channels: dict[str, Channel] = {}
+    if "rdma" in transports:
+        from fedgate.rdma.verbs_link import RdmaCarrier
+
+        carrier = RdmaCarrier(config)
+        closers.append(carrier)  # explicit, ordered teardown of the device at the end
+        channels["rdma"] = await carrier.connect(host, port, tls=None, server_hostname=None, timeout=30.0)
+    if "tcp" in transports:
+        reader, writer = await asyncio.open_connection(host, port + 1, limit=1 << 20)
+        channels["tcp"] = TcpChannel(reader, writer)
+    return channels
 
 
 async def start_servers(host: str, port: int, config: RdmaConfig, transports: Sequence[str]) -> list[_Closable]:
@@ -186,18 +188,23 @@ def _size(n: int) -> str:
 
 async def run_client(args: argparse.Namespace, config: RdmaConfig) -> list[Result]:
     host, port = _hostport(args.connect)
-    channels = await open_channels(host, port, config, args.transports)
+    closers: list[_Closable] = []
     results = []
     try:
-        for size in args.sizes:
-            for transport in args.transports:
-                min_msgs = 3 if size >= 1 << 24 else 10
-                results.append(
-                    await measure(channels[transport], transport, size, seconds=args.seconds, min_msgs=min_msgs)
-                )
+        channels = await open_channels(host, port, config, args.transports, closers)
+        try:
+            for size in args.sizes:
+                for transport in args.transports:
+                    rounds = args.rounds if size < 1 << 24 else max(3, args.rounds // 100)
+                    results.append(
+                        await measure(channels[transport], transport, size, seconds=args.seconds, min_msgs=rounds)
+                    )
+        finally:
+            for channel in channels.values():
+                await channel.aclose()
     finally:
-        for channel in channels.values():
-            await channel.aclose()
+        for closer in closers:
+            await closer.aclose()
     return results
 
 
@@ -234,6 +241,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--connect", default="", help="client: the server's host:port")
     parser.add_argument("--sizes", default=",".join(map(str, K_DEFAULT_SIZES)), help="message sizes in bytes")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each streaming test")
+    parser.add_argument("--rounds", type=int, default=1000, help="ping-pong rounds (/100 at 16 MiB and up)")
     parser.add_argument("--transports", default="rdma,tcp", help="comma list of rdma, tcp")
     parser.add_argument("--device", default="", help="RDMA device (default: the first one)")
     parser.add_argument("--gid-index", type=int, default=-1, help="GID index (default: auto)")

@@ -225,6 +225,16 @@ async def case_garbage_handshake_is_refused_and_server_keeps_serving() -> None:
         assert await server.receive() == b"still fine"
 
 
+async def case_benchmark_script_runs_against_tcp() -> None:
+    """fedgate.rdma.bench in local mode runs both transports (the figures are emulated: meaningless)."""
+    from fedgate.rdma.bench import main as bench_main
+
+    args = ["local", "--listen", f"{K_HOST}:18515", "--sizes", f"1024,{K_MIB},{16 * K_MIB}", "--seconds", "0.1"]
+    args += ["--rounds", "5"]
+    code = await asyncio.get_running_loop().run_in_executor(None, bench_main, args)
+    assert code == 0
+
+
 def _port_of(channel: ByteChannel) -> int:
     return int(channel.description.split(":")[1].split(" ")[0])
 
@@ -239,6 +249,7 @@ CASES: dict[str, Case] = {
         case_peer_queue_pair_gone_is_detected_by_completion_deadline
     ),
     "garbage_handshake_is_refused_and_server_keeps_serving": case_garbage_handshake_is_refused_and_server_keeps_serving,
+    "benchmark_script_runs_against_tcp": case_benchmark_script_runs_against_tcp,
 }
 
 
