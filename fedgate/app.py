@@ -181,6 +181,11 @@ class Gateway:
                 raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local",
                                   path="front.listen")
             await links.start()
+            if config.compute.enabled:
+                from fedgate.compute.service import serve_compute
+
+                compute = await serve_compute(config.compute)
+                stack.push_async_callback(compute.stop, config.gateway.drain_timeout_s)
             metrics_server = self._metrics_server()
             if metrics_server is not None:
                 stack.callback(metrics_server.close)
