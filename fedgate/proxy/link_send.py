@@ -86,7 +86,9 @@ class LinkSenderCore(LinkCore):
     # -- the adapter's calls ----------------------------------------------------------------------------
 
     def offer(self, envelope: Envelope, *, resume_offset: int = 0) -> None:
-        """Queue a message for sending; it stays tracked until acknowledged."""
+        """Queue a message for sending (also before the handshake); tracked until acknowledged."""
+        if self.state in (LinkState.ERROR, LinkState.CLOSED):
+            raise LocalError(f"cannot offer: the link is {self.state.value}")
         try:
             if envelope.message_id in self._unacked:
                 raise ValueError(f"message {envelope.message_id} offered twice")
@@ -97,8 +99,8 @@ class LinkSenderCore(LinkCore):
                 resume_at=resume_offset, next_off=resume_offset,
             )
         except Exception as exc:
-            self._fail_local(exc)
-            raise
+            self._fail(LocalError(str(exc)), [])
+            raise LocalError(str(exc)) from exc
         self._unacked[envelope.message_id] = out
         self._to_send.append(out)
 
@@ -224,6 +226,3 @@ class LinkSenderCore(LinkCore):
         m.next_off = offset
         m.resume_at = min(m.resume_at, offset)
         self._to_send = deque(later)
-
-    def _fail_local(self, exc: Exception) -> None:
-        self._fail(LocalError(str(exc)), [])

@@ -46,7 +46,6 @@ class LinkConnection(Generic[CoreT]):
         self.core = core
         self.channel = channel
         self.terminated: ConnectionTerminated | None = None
-        self.bytes_written = 0
         self._handler = handler
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -126,10 +125,7 @@ class LinkConnection(Generic[CoreT]):
         while self.terminated is None:
             try:
                 data = await self.channel.receive()
-            except (OSError, EOFError) as exc:
-                self.finish(ConnectionTerminated("io_error", f"receive failed: {exc!r}", by_peer=True))
-                return
-            except Exception as exc:  # carriers translate to FedgateError; anything else still ends only us
+            except Exception as exc:  # OSError, a carrier's FedgateError, anything: it ends this link only
                 self.finish(ConnectionTerminated("io_error", f"receive failed: {exc!r}", by_peer=True))
                 return
             events = self.core.receive_data(data, now=self.now())
@@ -165,12 +161,13 @@ class LinkConnection(Generic[CoreT]):
             except Exception as exc:  # a dead channel: nothing more can be written
                 self.finish(ConnectionTerminated("io_error", f"send failed: {exc!r}", by_peer=True))
                 ending = True
-            if ending:  # a termination during a flush woke us again: one more round sends the CLOSE
+            if ending:
                 break
+            # Not ending: if the connection ended during this flush, finish() set the event again and
+            # the next round sends the CLOSE.
         with contextlib.suppress(Exception):
             await self.channel.aclose()
 
     async def _flush(self) -> None:
         for data in self.core.data_to_send():
             await self.channel.send(data)
-            self.bytes_written += len(data)

@@ -323,3 +323,15 @@ def test_pure_core_modules_import_no_io() -> None:
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & forbidden, f"{name} imports {imported & forbidden}"
+
+
+def test_local_misuse_moves_the_sender_to_error_and_it_stays() -> None:
+    p = Pair()
+    p.pump()
+    p.sender.offer(env("a"))
+    with pytest.raises(LocalError):
+        p.sender.offer(env("a"))  # the same message twice: a bug of the caller
+    assert p.sender.state is LinkState.ERROR
+    with pytest.raises(LocalError, match="error"):
+        p.sender.offer(env("b"))
+    assert p.sender.receive_data(b"\x00" * 20, now=1.0) == []
