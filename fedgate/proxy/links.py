@@ -39,13 +39,25 @@ from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore, outbox_of
 from fedgate.proxy.store_api import OutboxItem
 
-__all__ = ["InboundHook", "LinkManager", "RejectedHook"]
+__all__ = ["InboundHook", "LinkManager", "RejectedHook", "choose_link_transport"]
 
 log = logging.getLogger("fedgate.links")
 
 InboundHook = Callable[[Envelope], Awaitable[Rejection | None]]
 RejectedHook = Callable[[OutboxItem, Rejection], Awaitable[None]]
 K_LINK_TRANSPORTS = ("tcp", "quic", "rdma", "auto")
+
+
+def choose_link_transport(config: FedgateConfig, endpoint: Endpoint) -> tuple[str, str]:
+    """The carrier for a link endpoint, and why (``auto``: rdma in the same datacenter with a device)."""
+    if endpoint.transport != "auto":
+        return endpoint.transport, f"the route names {endpoint.transport}"
+    from fedgate.rdma.probe import choose_transport, rdma_available
+
+    return choose_transport(
+        "auto", local_datacenter=config.gateway.datacenter, peer_datacenter=endpoint.datacenter,
+        local_rdma=rdma_available(config.rdma.device), peer_rdma=True,
+    )
 
 
 class LinkManager:
@@ -199,12 +211,7 @@ class LinkManager:
     def _transport_for(self, endpoint: Endpoint) -> str:
         if endpoint.transport != "auto":
             return endpoint.transport
-        from fedgate.rdma.probe import choose_transport, rdma_available
-
-        name, why = choose_transport(
-            "auto", local_datacenter=self._config.gateway.datacenter, peer_datacenter=endpoint.datacenter,
-            local_rdma=rdma_available(self._config.rdma.device), peer_rdma=True,
-        )
+        name, why = choose_link_transport(self._config, endpoint)
         key = (endpoint.host, endpoint.port, name)
         if key not in self._auto_reasons:
             self._auto_reasons.add(key)
