@@ -30,6 +30,7 @@ def test_bad_row_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--row" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smoke_one_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "wan"
     argv = ["--row", "20:0.5:20", "--duration", "2", "--calibrate", "1", "--no-progress", "--out", str(out)]
@@ -69,6 +70,7 @@ def _children(pid: int) -> set[int]:
     return kids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_cleans_up_namespaces_and_processes(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "wan"
