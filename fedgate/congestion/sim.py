@@ -17,6 +17,7 @@ Rules of this module:
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class LinkSpec:
     """Probability that a data packet is dropped before the bottleneck."""
     queue_bytes: int | None = None
     """Tail-drop queue limit, bytes; None = one bandwidth-delay product."""
+    ack_burst: float = 0.0
+    """Acks are held and released together at multiples of this many seconds (receiver batching,
+    busy hosts); 0 = each ack travels alone."""
 
     @property
     def rate(self) -> float:
@@ -216,7 +220,10 @@ class Simulation:
                 continue
             depart = max(now, self._busy_until) + size / link.rate
             self._busy_until = depart
-            self._push(depart + link.rtt, _EV_ACK, index, packet_id)
+            ack_at = depart + link.rtt
+            if link.ack_burst > 0:
+                ack_at = math.ceil(ack_at / link.ack_burst) * link.ack_burst
+            self._push(ack_at, _EV_ACK, index, packet_id)
         self._arm_timer(index, flow, now)
 
     def _on_ack(self, index: int, flow: _Flow, now: float, packet_id: int) -> None:

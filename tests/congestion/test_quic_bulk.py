@@ -21,15 +21,17 @@ def _free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_and_send_print_one_json_line_each() -> None:
+@pytest.mark.parametrize("connections", [1, 2])
+def test_serve_and_send_print_one_json_line_each(connections: int) -> None:
     port = _free_udp_port()
     listen = f"127.0.0.1:{port}"
     module = [sys.executable, "-m", "fedgate.congestion.quic_bulk"]
-    server = subprocess.Popen([*module, "serve", "--listen", listen], stdout=subprocess.PIPE, text=True)
+    many = ["--connections", str(connections)]
+    server = subprocess.Popen([*module, "serve", "--listen", listen, *many], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
         sender = subprocess.run(
-            [*module, "send", "--connect", listen, "--duration", "2", "--cc", "newreno"],
+            [*module, "send", "--connect", listen, "--duration", "2", "--cc", "newreno", *many],
             capture_output=True,
             text=True,
             timeout=60,
@@ -52,6 +54,11 @@ def test_serve_and_send_print_one_json_line_each() -> None:
     assert cli["bytes_sent"] > 0
     # the receiver counted no more than the sender handed to QUIC
     assert srv["bytes"] <= cli["stream_bytes"]
+    if connections > 1:
+        assert srv["connections"] == connections
+        assert cli["connections"] == connections
+        assert len(cli["per_connection"]) == connections
+        assert sum(p["packets_sent"] for p in cli["per_connection"]) == cli["packets_sent"]
 
 
 def test_unknown_controller_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
