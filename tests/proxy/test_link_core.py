@@ -335,3 +335,15 @@ def test_local_misuse_moves_the_sender_to_error_and_it_stays() -> None:
     with pytest.raises(LocalError, match="error"):
         p.sender.offer(env("b"))
     assert p.sender.receive_data(b"\x00" * 20, now=1.0) == []
+
+
+def test_exported_names_exist() -> None:
+    import importlib
+
+    for name in ("link_frames", "link_events", "link_core", "link_send", "link_recv", "link_session",
+                 "link_sender", "link_listener", "link_metrics", "link_doctor", "link_bench", "tcp_carrier",
+                 "certs", "carriers", "testing"):
+        module = importlib.import_module(f"fedgate.proxy.{name}")
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert not missing, f"{name}.__all__ names missing attributes: {missing}"
+        assert len(set(module.__all__)) == len(module.__all__)
