@@ -39,8 +39,18 @@ K_CT_POOL = 512  # distinct real ciphertexts tiled into add / mul batches
 class Case:
     """One figure: ``run(prep(count))`` is timed, ``count`` grows until a run lasts ``seconds``."""
 
-    def __init__(self, op: str, impl: str, prep: Callable[[int], Any], run: Callable[[Any], object], start: int):
+    def __init__(
+        self,
+        op: str,
+        impl: str,
+        prep: Callable[[int], Any],
+        run: Callable[[Any], object],
+        start: int,
+        *,
+        max_count: int = 1 << 20,
+    ) -> None:
         self.op, self.impl, self.prep, self.run, self.count = op, impl, prep, run, start
+        self.max_count = max_count
         self.best = 0.0
 
     def measure(self, seconds: float) -> None:
@@ -50,7 +60,7 @@ class Case:
             t0 = time.perf_counter()
             self.run(data)
             elapsed = time.perf_counter() - t0
-            if elapsed >= seconds or self.count >= 1 << 20:
+            if elapsed >= seconds or self.count >= self.max_count:
                 self.best = max(self.best, self.count / elapsed / 1000.0)
                 return
             self.count *= 2
@@ -130,7 +140,14 @@ def _fedgate_cases(inp: _Inputs, sk: SecretKey, backends: list[CpuBackend]) -> l
             "encrypt", f"fedgate cpu, owner CRT ({accel})", inp.plain, lambda d: textbook.encrypt(pk, d, sk=sk), small
         ),
         Case("encrypt", "fedgate cpu, textbook r^n (gmpy2)", inp.plain, lambda d: plain_gmp.encrypt(pk, d), small),
-        Case("encrypt", "fedgate cpu, online part with r^n pool", pool_prep, lambda d: pooled[0].encrypt(pk, d), 256),
+        Case(
+            "encrypt",
+            "fedgate cpu, online part with r^n pool",
+            pool_prep,
+            lambda d: pooled[0].encrypt(pk, d),
+            4096,
+            max_count=4096,
+        ),
         Case("decrypt", f"fedgate cpu ({accel})", inp.cts, lambda d: one.decrypt(sk, d), small),
         Case("decrypt", "fedgate cpu (gmpy2)", inp.cts, lambda d: no_ifma.decrypt(sk, d), small),
         Case("add", "fedgate cpu", lambda k: (inp.cts(k), inp.cts(k)), lambda d: one.add(pk, *d), 1024),

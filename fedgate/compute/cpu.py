@@ -288,12 +288,13 @@ class CpuBackend:
 
     # -- randomness pool ------------------------------------------------------------------------
     def _take_pooled(self, pk: PublicKey, count: int) -> list[mpz]:
-        pool = self._pools.get(pk.n)
-        if pool is None:
-            return []
-        out = pool.take(count)
-        self._counts["pool"] += len(out)
-        return out
+        with self._lock:  # concurrent service calls share the pool
+            pool = self._pools.get(pk.n)
+            if pool is None:
+                return []
+            out = pool.take(count)
+            self._counts["pool"] += len(out)
+            return out
 
     def refill_pool(self, pk: PublicKey, *, sk: SecretKey | None = None) -> int:
         """Top the key's r^n pool up to ``pool_size`` (blocking; call it from a worker thread)."""
@@ -302,7 +303,7 @@ class CpuBackend:
             return 0
         with self._lock:
             pool = self._pools.setdefault(pk.n, RandomnessPool(size, low_water=self._config.pool_low_water))
-        deficit = pool.deficit()
+            deficit = pool.deficit()
         if deficit <= 0:
             return 0
         pq = (sk.p, sk.q) if sk is not None else None
@@ -310,18 +311,21 @@ class CpuBackend:
         jobs: list[Job] = [
             ("rn", pk.n, pq, b - a, cfg.short_exponent, cfg.djn_window, cfg.cpu_ifma) for a, b in self._chunks(deficit)
         ]
-        values = [v for data in self._map(jobs) for v in from_limbs(LimbBuffer(data, pk.cipher_width))]
-        pool.add([mpz(v) for v in values])
+        values = [mpz(v) for data in self._map(jobs) for v in from_limbs(LimbBuffer(data, pk.cipher_width))]
+        with self._lock:
+            pool.add(values)
         return len(values)
 
     def pool_level(self, pk: PublicKey) -> int:
         """r^n values in stock for ``pk``."""
-        pool = self._pools.get(pk.n)
-        return len(pool) if pool is not None else 0
+        with self._lock:
+            pool = self._pools.get(pk.n)
+            return len(pool) if pool is not None else 0
 
     def forget(self, pk: PublicKey) -> None:
         """Drop the key's pool (its unused r^n values are discarded, never reused)."""
-        self._pools.pop(pk.n, None)
+        with self._lock:
+            self._pools.pop(pk.n, None)
 
     def statistics(self) -> BackendStats:
         c = self._counts

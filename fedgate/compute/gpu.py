@@ -13,6 +13,7 @@ rejection, or a uniform short DJN exponent) and ships it as limbs; the device do
 arithmetic: ``(1 + m n) * r^n`` (textbook) or ``(1 + m n) * prod table[i][digit_i(a)]`` (DJN fixed
 base, table built once per key on the host in Montgomery form), CRT decryption, add and scalar
 multiply (``c^k``; scalars above n/2 use the full exponent, a valid but slower encryption of k*m).
+The secret key, when given to ``encrypt``, is not used: the device path is the same for the owner.
 
 Rules: CuPy is imported only inside :class:`CupyDevice`; GPU runtime errors become
 :class:`~fedgate.errors.LocalError`; key-derived device arrays are cached per key in the backend and
