@@ -6,6 +6,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,30 @@ def test_exports_are_in_sync() -> None:
     assert exported == public - modules
     for name in exported:
         assert getattr(bench, name) is not None
+
+
+def test_notes_flag_runs_that_cannot_be_trusted() -> None:
+    from fedgate.bench.wan import _with_notes
+
+    row = LinkRow(80, 1, 100)
+    data = {"packets_in": 10_000, "drop_loss": 300, "drop_queue": 0, "packets_out": 9700, "late_sum_s": 29.1}
+    emu: dict[str, Any] = {
+        "a_to_b": data,
+        "b_to_a": {"packets_in": 100, "drop_loss": 1, "drop_queue": 0, "packets_out": 99, "late_sum_s": 0.0},
+        "wall_s": 10.0,
+        "cpu_s": 9.5,
+        "device_tx_dropped": {"a": 3, "b": 0},
+        "write_errors": 0,
+    }
+    r = TransferResult("kernel-bbr", row, 50.0, 95.6, 10.0, 1000, 20, emulator=emu, host_cpu_busy=0.97)
+    notes = " | ".join(_with_notes(r, ceiling_mbit=110.0).notes)
+    assert "emulator CPU 95% busy" in notes
+    assert "a_to_b deliveries 3.0 ms late" in notes and "b_to_a" not in notes
+    assert "random drops 3.000% vs setting 1%" in notes
+    assert "3 packets dropped by the kernel before the emulator" in notes
+    assert "host CPUs 97% busy" in notes
+    assert "emulator ceiling 110" in notes
+    clean = {**emu, "cpu_s": 1.0, "device_tx_dropped": {"a": 0, "b": 0}}
+    clean["a_to_b"] = {**data, "drop_loss": 100, "late_sum_s": 0.1}
+    ok = TransferResult("kernel-bbr", row, 50.0, 95.6, 10.0, 1000, 20, emulator=clean, host_cpu_busy=0.3)
+    assert _with_notes(ok, ceiling_mbit=1000.0).notes == ()
