@@ -225,6 +225,72 @@ async def case_garbage_handshake_is_refused_and_server_keeps_serving() -> None:
         assert await server.receive() == b"still fine"
 
 
+def _self_signed(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+async def case_tls_control_connection_authenticates_both_parties() -> None:
+    """mTLS on the control connection: each end learns the other's party from its certificate."""
+    import ssl
+    import tempfile
+
+    from fedgate.rdma.verbs_link import RdmaCarrier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server_cert, server_key = _self_signed(pathlib.Path(tmp), "party-9999")
+        client_cert, client_key = _self_signed(pathlib.Path(tmp), "party-10000")
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(server_cert, server_key)
+        server_tls.load_verify_locations(client_cert)
+        server_tls.verify_mode = ssl.CERT_REQUIRED
+        client_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_tls.load_cert_chain(client_cert, client_key)
+        client_tls.load_verify_locations(server_cert)
+        server_carrier, client_carrier = RdmaCarrier(RdmaConfig()), RdmaCarrier(RdmaConfig())
+        seen: asyncio.Queue[tuple[str | None, bytes]] = asyncio.Queue()
+
+        async def handler(channel: ByteChannel) -> None:
+            await seen.put((channel.peer_party, await channel.receive()))
+
+        server = await server_carrier.listen(K_HOST, 0, tls=server_tls, handler=handler)
+        try:
+            client = await client_carrier.connect(
+                K_HOST, server.port, tls=client_tls, server_hostname="party-9999", timeout=30.0
+            )
+            assert client.peer_party == "party-9999"
+            await client.send(payload(1, 300_000))
+            party, data = await asyncio.wait_for(seen.get(), 60.0)
+            assert party == "party-10000" and data == payload(1, 300_000)
+            await client.aclose()
+        finally:
+            await client_carrier.aclose()
+            await server.aclose()
+            await server_carrier.aclose()
+
+
 async def case_benchmark_script_runs_against_tcp() -> None:
     """fedgate.rdma.bench in local mode runs both transports (the figures are emulated: meaningless)."""
     from fedgate.rdma.bench import main as bench_main
@@ -249,6 +315,7 @@ CASES: dict[str, Case] = {
         case_peer_queue_pair_gone_is_detected_by_completion_deadline
     ),
     "garbage_handshake_is_refused_and_server_keeps_serving": case_garbage_handshake_is_refused_and_server_keeps_serving,
+    "tls_control_connection_authenticates_both_parties": case_tls_control_connection_authenticates_both_parties,
     "benchmark_script_runs_against_tcp": case_benchmark_script_runs_against_tcp,
 }
 
