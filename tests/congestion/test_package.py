@@ -13,7 +13,9 @@ from fedgate.congestion import K_CONTROLLERS, LtBbr, NewReno, check_controller_n
 from fedgate.errors import ConfigError, UnknownPluginError
 
 PACKAGE = pathlib.Path(congestion.__file__).parent
-CORE_MODULES = ["_base.py", "_ltbbr.py", "_newreno.py", "_pacer.py", "sim.py", "config.py", "__init__.py"]
+CORE_MODULES = [
+    "_base.py", "_ltbbr.py", "_newreno.py", "_pacer.py", "sim.py", "sim_bench.py", "config.py", "__init__.py"
+]
 FORBIDDEN = {"asyncio", "socket", "time", "aioquic", "uvloop", "grpc", "ssl", "selectors"}
 
 
