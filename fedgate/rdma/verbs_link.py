@@ -243,21 +243,24 @@ class VerbsDevice:
                 obj.close()
 
 
-def _peer_party(writer: asyncio.StreamWriter) -> str | None:
-    cert = writer.get_extra_info("peercert")
-    if not cert:
+def _peer_party(writer: asyncio.StreamWriter, tls: ssl.SSLContext | None, where: str) -> str | None:
+    """The party in the peer certificate's SAN URI (``fedgate:party:<id>``), as the tcp carrier does."""
+    if tls is None:
         return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+    from fedgate.proxy.certs import party_from_peercert  # cryptography loads only for TLS links
+
+    party = party_from_peercert(writer.get_extra_info("peercert"))
+    if party is None:
+        raise PeerUnavailableError(f"{where}: the peer's certificate names no party (SAN URI fedgate:party:<id>)")
+    return party
 
 
 class RdmaServer:
-    def __init__(self, server: asyncio.Server, carrier: RdmaCarrier) -> None:
+    """A listening rdma carrier; ``aclose`` stops accepting and closes the channels it accepted."""
+
+    def __init__(self, server: asyncio.Server, channels: set[VerbsChannel]) -> None:
         self._server = server
-        self._carrier = carrier
+        self._channels = channels
 
     @property
     def port(self) -> int:
@@ -265,7 +268,9 @@ class RdmaServer:
 
     async def aclose(self) -> None:
         self._server.close()
-        await self._carrier.close_channels()
+        channels, self._channels = list(self._channels), set()
+        for channel in channels:
+            await channel.aclose()
         await self._server.wait_closed()
 
 
@@ -295,7 +300,7 @@ class RdmaCarrier:
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=tls, server_hostname=server_hostname if tls else None, limit=K_HELLO_MAX_BYTES
                 )
-                return await self._handshake(reader, writer, where)
+                return await self._handshake(reader, writer, where, tls)
         except TimeoutError as exc:
             raise PeerUnavailableError(f"{where}: no connection within {timeout:.1f} s") from exc
         except (OSError, ssl.SSLError) as exc:
@@ -303,26 +308,33 @@ class RdmaCarrier:
 
     async def listen(self, host: str, port: int, *, tls: ssl.SSLContext | None, handler: ChannelHandler) -> RdmaServer:
         self.device()  # fail at listen time, not at the first peer, when there is no device
+        accepted_channels: set[VerbsChannel] = set()
 
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = writer.get_extra_info("peername")
             where = f"rdma {peer[0]}:{peer[1]}" if peer else "rdma peer"
             try:
                 async with asyncio.timeout(self._config.close_timeout_s * 2):
-                    channel = await self._handshake(reader, writer, where)
+                    channel = await self._handshake(reader, writer, where, tls)
             except (FedgateError, OSError, ssl.SSLError, TimeoutError) as exc:
                 log.warning("%s: handshake failed: %s", where, exc)
                 writer.close()
                 return
+            accepted_channels.add(channel)
             try:
                 await handler(channel)
+            except FedgateError as exc:  # the handler's channel failed or was closed under it
+                log.info("%s: %s", where, exc)
             finally:
+                accepted_channels.discard(channel)
                 await channel.aclose()
 
         server = await asyncio.start_server(accepted, host, port, ssl=tls, limit=K_HELLO_MAX_BYTES)
-        return RdmaServer(server, self)
+        return RdmaServer(server, accepted_channels)
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> VerbsChannel:
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str, tls: ssl.SSLContext | None
+    ) -> VerbsChannel:
         dev = self.device()
         cfg = self._config
         per_channel = 2 * cfg.recv_slots + dev.rd_atomic + 1  # completions one channel can have queued
@@ -345,7 +357,7 @@ class RdmaCarrier:
             peer = decode_hello(await _read_line(reader, where))
             channel = VerbsChannel(
                 dev, qp, local=local, peer=peer, reader=reader, writer=writer,
-                description=f"{where} qp {local.qpn}->{peer.qpn}", peer_party=_peer_party(writer),
+                description=f"{where} qp {local.qpn}->{peer.qpn}", peer_party=_peer_party(writer, tls, where),
             )  # fmt: skip
             dev.connect_qp(qp, local=local, peer=peer)
             writer.write(K_READY)

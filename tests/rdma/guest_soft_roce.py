@@ -240,7 +240,10 @@ def _self_signed(directory: pathlib.Path, name: str) -> tuple[pathlib.Path, path
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.UniformResourceIdentifier(f"fedgate:party:{name}")]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )  # fmt: skip
@@ -280,7 +283,7 @@ async def case_tls_control_connection_authenticates_both_parties() -> None:
             client = await client_carrier.connect(
                 K_HOST, server.port, tls=client_tls, server_hostname="party-9999", timeout=30.0
             )
-            assert client.peer_party == "party-9999"
+            assert client.peer_party == "party-9999"  # from the SAN URI fedgate:party:<id>
             await client.send(payload(1, 300_000))
             party, data = await asyncio.wait_for(seen.get(), 60.0)
             assert party == "party-10000" and data == payload(1, 300_000)
@@ -289,6 +292,37 @@ async def case_tls_control_connection_authenticates_both_parties() -> None:
             await client_carrier.aclose()
             await server.aclose()
             await server_carrier.aclose()
+
+
+async def case_closing_a_server_keeps_the_carriers_outgoing_channels() -> None:
+    """One carrier listens and dials (as a gateway does): closing its server spares its dialled channels."""
+    from fedgate.rdma.verbs_link import RdmaCarrier
+
+    gateway, peer = RdmaCarrier(RdmaConfig()), RdmaCarrier(RdmaConfig())
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handler(channel: ByteChannel) -> None:
+        while data := await channel.receive():
+            await inbox.put(data)
+
+    async def idle(channel: ByteChannel) -> None:
+        await channel.receive()
+
+    peer_server = await peer.listen(K_HOST, 0, tls=None, handler=handler)
+    gateway_server = await gateway.listen(K_HOST, 0, tls=None, handler=idle)
+    try:
+        inbound = await peer.connect(K_HOST, gateway_server.port, tls=None, server_hostname=None, timeout=30.0)
+        outgoing = await gateway.connect(K_HOST, peer_server.port, tls=None, server_hostname=None, timeout=30.0)
+        await gateway_server.aclose()
+        assert await asyncio.wait_for(inbound.receive(), 30.0) == b""  # the accepted channel was closed
+        await outgoing.send(b"still open")
+        assert await asyncio.wait_for(inbox.get(), 30.0) == b"still open"
+        await outgoing.aclose()
+        await inbound.aclose()
+    finally:
+        await peer_server.aclose()
+        await gateway.aclose()
+        await peer.aclose()
 
 
 async def case_benchmark_script_runs_against_tcp() -> None:
@@ -316,6 +350,9 @@ CASES: dict[str, Case] = {
     ),
     "garbage_handshake_is_refused_and_server_keeps_serving": case_garbage_handshake_is_refused_and_server_keeps_serving,
     "tls_control_connection_authenticates_both_parties": case_tls_control_connection_authenticates_both_parties,
+    "closing_a_server_keeps_the_carriers_outgoing_channels": (
+        case_closing_a_server_keeps_the_carriers_outgoing_channels
+    ),
     "benchmark_script_runs_against_tcp": case_benchmark_script_runs_against_tcp,
 }
 
