@@ -247,3 +247,37 @@ def test_small_messages_of_one_topic_are_stored_in_batches_in_order() -> None:
             assert 1 <= r.inbox.batches < len(msgs) // 4  # many messages per store write
 
     asyncio.run(main())
+
+
+def test_lost_staging_makes_the_receiver_rewind_the_sender_and_order_holds() -> None:
+    """The sender remembers a resume point the store no longer has (staging dropped): RESUME, go-back-N."""
+
+    async def main() -> None:
+        async with rig() as r:
+            big = message(1, 40 * CHUNK, "t")
+            after = [message(i, 100, "t") for i in range(2, 6)]
+            stage = r.inbox.append_partial
+            cuts: list[int] = []
+
+            async def stage_then_cut(mid: str, offset: int, chunk: bytes) -> None:
+                await stage(mid, offset, chunk)
+                if offset + len(chunk) == 10 * CHUNK and not cuts:  # the peer goes away with 10 chunks staged
+                    cuts.append(offset)
+                    r.carrier.refuse = True
+                    r.carrier.cut_all()
+
+            setattr(r.inbox, "append_partial", stage_then_cut)  # noqa: B010
+            await r.outbox.put(RECEIVER, big)
+            for m in after:
+                await r.outbox.put(RECEIVER, m)
+            await wait_for(lambda: r.carrier.refuse and r.sender.statistics().reconnects >= 1)
+            await asyncio.sleep(0.05)  # let the receiver's staging task run dry
+            r.inbox.partials.clear()  # e.g. the store pruned stale partials while the peer was away
+            appended_before = r.inbox.appended_bytes
+            r.carrier.refuse = False
+            await wait_for(lambda: len(r.outbox.acked) == 5)
+            assert r.inbox.order == [big.message_id] + [m.message_id for m in after]
+            assert r.inbox.queues[("s", "t")][0].payload == big.payload
+            assert r.inbox.appended_bytes - appended_before == big.size  # restaged from zero, once
+
+    asyncio.run(main())
