@@ -10,8 +10,9 @@ Rules of this module:
    resets the delay.
 3. The peer must be the party the route names: a certificate for another party is refused before
    any message is sent, with a log line saying who was expected and who answered.
-4. Memory is bounded: at most ``lookahead`` messages are offered but unsent, and at most
-   ``max_unacked`` unacknowledged (credit bounds their bytes).
+4. Memory is bounded: offered-but-unsent messages stay under ``lookahead`` messages and
+   ``params.window_bytes`` bytes (large ones are read from the outbox two at a time); sent but
+   unacknowledged ones under ``max_unacked`` messages and the peer's credit window in bytes.
 5. ``statistics()`` is a frozen snapshot; metrics are updated as events happen.
 6. A message the peer would refuse whatever we do (over its HELLO size limit, a header over the
    frame limits) is not retried forever: it is dropped from the outbox as rejected (rule
