@@ -57,17 +57,24 @@ def test_guest_host_arbiter_through_three_gateways(
 
 
 @pytest.mark.parametrize(
-    ("transport", "sig"),
-    [("grpc", signal.SIGKILL), ("grpc", signal.SIGTERM), ("tcp", signal.SIGKILL)],
-    ids=["grpc-kill-9", "grpc-sigterm", "tcp-kill-9"],
+    ("transport", "sig", "peer_down"),
+    [
+        ("grpc", signal.SIGKILL, False),
+        ("grpc", signal.SIGTERM, False),
+        ("tcp", signal.SIGKILL, False),
+        ("tcp", signal.SIGKILL, True),
+    ],
+    ids=["grpc-kill-9", "grpc-sigterm", "tcp-kill-9", "tcp-kill-9-peer-down"],
 )
 def test_gateway_restart_between_push_and_pop_loses_nothing(
-    pyfate_python: pathlib.Path, tmp_path: pathlib.Path, transport: str, sig: signal.Signals
+    pyfate_python: pathlib.Path, tmp_path: pathlib.Path, transport: str, sig: signal.Signals, peer_down: bool
 ) -> None:
     """The guest's pushes are acknowledged, then both gateways die and come back; the host gets all.
 
-    Over ``grpc`` the messages sit in the host's gateway when the pushes return; over a link
-    transport some may still sit in the guest gateway's outbox when it is killed.
+    Over ``grpc`` the messages sit in the host's gateway when the pushes return. Over a link
+    transport a push returns once the message is in the guest gateway's outbox; with ``peer_down``
+    the host's gateway is down while the guest sends, so everything is still in that outbox when
+    the guest's gateway is killed.
     """
 
     def argv(role: str, pid: str, phase: str, gws: dict[str, Gateway]) -> list[str]:
@@ -76,7 +83,7 @@ def test_gateway_restart_between_push_and_pop_loses_nothing(
             party_id=pid,
             parties=K_PAIR,
             port=gws[pid].front_port,
-            session=f"gw-restart-{transport}-{sig.name}",
+            session=f"gw-restart-{transport}-{sig.name}-{peer_down}",
             data_dir=tmp_path / f"data-{role}",
             scenario="oneway",
             phase=phase,
@@ -85,6 +92,8 @@ def test_gateway_restart_between_push_and_pop_loses_nothing(
         )
 
     with gateway_mesh(tmp_path, [pid for _, pid in K_PAIR], transport=transport) as gws:
+        if peer_down:
+            gws["10000"].kill(signal.SIGKILL)
         sent = run_drivers(
             pyfate_python,
             {"guest": argv("guest", "9999", "send", gws)},
