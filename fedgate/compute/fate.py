@@ -32,6 +32,7 @@ from fedgate.errors import InvalidRequestError
 
 __all__ = [
     "FateVector",
+    "pack_squeeze",
     "add_vectors",
     "dump_ciphertexts",
     "dump_coder",
@@ -202,3 +203,31 @@ def mul_vectors(backend: HeBackend, pk: PublicKey, a: FateVector, scalars: FateV
     """Element-wise multiplication by encoded plaintexts; exponents add (FATE ``mul``)."""
     exps = tuple(x + y for x, y in zip(a.exps, scalars.exps))
     return FateVector(backend.mul_scalar(pk, a.data, scalars.data), exps)
+
+
+def pack_squeeze(backend: HeBackend, pk: PublicKey, vec: FateVector, *, pack_num: int, shift_bit: int) -> FateVector:
+    """FATE's ``CiphertextVector.pack_squeeze``: ``pack_num`` ciphertexts into one, first value highest.
+
+    Each output is ``(((c0^(2^s) * c1)^(2^s) * c2) ...)`` mod n^2 with exponent 0, bit-identical to
+    fate_utils; the plaintexts must already fit ``shift_bit`` bits each (non-negative, no exponent).
+    """
+    if pack_num <= 0 or shift_bit <= 0 or pack_num * shift_bit >= pk.bits:
+        raise InvalidRequestError("pack_num * shift_bit must be positive and below the key size")
+    count = vec.data.count
+    groups = [(start, min(start + pack_num, count)) for start in range(0, count, pack_num)]
+    acc = LimbBuffer.concat([vec.data.slice(a, a + 1) for a, _ in groups], pk.cipher_width)
+    factor = to_limbs([1 << shift_bit] * len(groups), pk.plain_width)
+    for step in range(1, pack_num):
+        live = [i for i, (a, b) in enumerate(groups) if a + step < b]
+        if not live:
+            break
+        cur = from_limbs(acc)
+        sub = to_limbs([cur[i] for i in live], pk.cipher_width)
+        shifted = backend.mul_scalar(pk, sub, factor.slice(0, len(live)))
+        nxt = LimbBuffer.concat(
+            [vec.data.slice(groups[i][0] + step, groups[i][0] + step + 1) for i in live], pk.cipher_width
+        )
+        for i, value in zip(live, from_limbs(backend.add(pk, shifted, nxt))):
+            cur[i] = value
+        acc = to_limbs(cur, pk.cipher_width)
+    return FateVector(acc, (0,) * len(groups))

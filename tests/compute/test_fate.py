@@ -132,3 +132,15 @@ def test_bad_states_are_rejected(keys1024: Any) -> None:
         fate.load_public_key(good + b"x")
     with pytest.raises(InvalidRequestError):
         fate.load_ciphertexts(b"\xff" * 8, pk)
+
+
+def test_pack_squeeze_is_bit_identical_to_fate(backend: CpuBackend) -> None:
+    fsk, fpk, fcoder = fp.keygen(1024)
+    pk = fate.load_public_key(fpk.__getstate__())
+    values = [5, 0, 7, 123456, 9, 1, 2]
+    vec = fpk.encrypt_encoded(fcoder.encode_i64_vec(np.array(values, dtype=np.int64)), True)
+    theirs = vec.pack_squeeze(3, 40, fpk)
+    ours = fate.pack_squeeze(backend, pk, fate.load_ciphertexts(vec.__getstate__(), pk), pack_num=3, shift_bit=40)
+    assert fate.dump_ciphertexts(ours) == bytes(fate.dump_ciphertexts(fate.load_ciphertexts(theirs.__getstate__(), pk)))
+    packed = from_limbs(backend.decrypt(fate.load_secret_key(fsk.__getstate__()), ours.data))
+    assert packed == [(5 << 80) + (0 << 40) + 7, (123456 << 80) + (9 << 40) + 1, 2]
