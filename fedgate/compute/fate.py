@@ -32,7 +32,6 @@ from fedgate.errors import InvalidRequestError
 
 __all__ = [
     "FateVector",
-    "pack_squeeze",
     "add_vectors",
     "dump_ciphertexts",
     "dump_coder",
@@ -44,6 +43,7 @@ __all__ = [
     "load_public_key",
     "load_secret_key",
     "mul_vectors",
+    "pack_squeeze",
 ]
 
 K_RADIX = 16  # fate_utils writes big integers in hex
