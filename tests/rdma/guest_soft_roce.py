@@ -329,8 +329,7 @@ async def case_benchmark_script_runs_against_tcp() -> None:
     """fedgate.rdma.bench in local mode runs both transports (the figures are emulated: meaningless)."""
     from fedgate.rdma.bench import main as bench_main
 
-    args = ["local", "--listen", f"{K_HOST}:18515", "--sizes", f"1024,{K_MIB},{16 * K_MIB}", "--seconds", "0.1"]
-    args += ["--rounds", "5"]
+    args = ["local", "--listen", f"{K_HOST}:18515", "--sizes", f"1024,{K_MIB}", "--seconds", "0.1", "--rounds", "3"]
     code = await asyncio.get_running_loop().run_in_executor(None, bench_main, args)
     assert code == 0
 

@@ -21,8 +21,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 RIG = REPO / "scripts" / "rdma-qemu-rig.py"
 K_RIG_TIMEOUT = 540  # seconds for the whole guest run (boot and every case)
 K_EXIT_SKIP = 77
+K_INSTALL_TIMEOUT = 900  # seconds for apt-get installs and the kernel download on a fresh machine
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(K_RIG_TIMEOUT + 120)]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(K_RIG_TIMEOUT + K_INSTALL_TIMEOUT)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ def guest_results() -> Iterator[dict[str, str]]:
             sys.executable, str(RIG), "--out", out, "--timeout", str(K_RIG_TIMEOUT),
             "--", "/usr/bin/python3", str(REPO / "tests" / "rdma" / "guest_soft_roce.py"),
         ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=K_RIG_TIMEOUT + 900)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=K_RIG_TIMEOUT + K_INSTALL_TIMEOUT
+        )
         if proc.returncode == K_EXIT_SKIP:
             reason = next((line for line in proc.stdout.splitlines() if line.startswith("SKIP:")), "SKIP: rig")
             pytest.skip(reason[len("SKIP: ") :])
