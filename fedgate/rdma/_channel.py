@@ -145,6 +145,8 @@ class VerbsChannel:
             if delivery is not None:
                 if isinstance(delivery, EndOfStream):
                     return b""
+                if self._torn_down:  # its memory is deregistered: never touch it
+                    raise self._error or PeerUnavailableError(f"{self._description}: channel closed")
                 if isinstance(delivery, EagerMessage):
                     offset = delivery.slot * self._slot + K_HEADER_BYTES
                     data = ctypes.string_at(self._recv_mr.buf + offset, delivery.length)
