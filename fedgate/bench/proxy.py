@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pathlib
+import pickle
 import socket
 import statistics
 import struct
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = ["main"]
@@ -58,41 +59,50 @@ class _Result:
 
 
 def _write_gateway(
-    root: pathlib.Path, party: str, peer: str, peer_front: int, transport: str
-) -> tuple[pathlib.Path, int]:
-    front = _free_port()
-    gw = root / party
+    root: pathlib.Path, parties: list[str], routes: dict[str, object], *, front: int, link: int, audit: bool
+) -> pathlib.Path:
+    gw = root / parties[0]
     gw.mkdir(parents=True)
-    (gw / "routes.json").write_text(
-        json.dumps(
-            {
-                "self_party": [party],
-                "route_table": {peer: {"default": [{"ip": "127.0.0.1", "port": peer_front, "transport": transport}]}},
-            }
-        )
-    )
+    (gw / "routes.json").write_text(json.dumps({"self_party": parties, "route_table": routes}))
     (gw / "fedgate.toml").write_text(
-        f'[gateway]\nparty_ids = ["{party}"]\n[front]\nlisten = "127.0.0.1:{front}"\n'
-        f'[link]\nlisten = "127.0.0.1:{_free_port()}"\ninsecure = true\n'
-        f'[store]\npath = "{gw / "fedgate.db"}"\nmin_free_bytes = 0\n[metrics]\nlisten = ""\n'
-        f'[log]\nlevel = "warning"\n[routes]\nfile = "{gw / "routes.json"}"\n'
+        f"[gateway]\nparty_ids = {json.dumps(parties)}\n[front]\nlisten = \"127.0.0.1:{front}\"\n"
+        f"[link]\nlisten = \"127.0.0.1:{link}\"\ninsecure = true\nquic = false\n"
+        f"[store]\npath = \"{gw / 'fedgate.db'}\"\nmin_free_bytes = 0\n[metrics]\nlisten = \"\"\n"
+        f"[audit]\nenabled = {'true' if audit else 'false'}\n"
+        f"[log]\nlevel = \"warning\"\n[routes]\nfile = \"{gw / 'routes.json'}\"\n"
     )
-    return gw / "fedgate.toml", front
+    return gw / "fedgate.toml"
 
 
 @contextlib.contextmanager
-def _gateways(root: pathlib.Path) -> Iterator[tuple[int, int]]:
-    """Two gateways, 9999 (A) and 10000 (B), A routing to B's front over the OSX grpc hop."""
-    b_config, b_front = _write_gateway(root, "10000", "9999", 1, "grpc")
-    a_config, a_front = _write_gateway(root, "9999", "10000", b_front, "grpc")
+def _gateways(root: pathlib.Path, *, audit: bool) -> Iterator[tuple[int, int, Callable[[str], None]]]:
+    """Gateway A (party 9999) and gateway B (party 10000). Yields A's and B's front ports and a function
+    that switches A's route to 10000 between the OSX gRPC hop and the fedgate TCP link (a live reload)."""
+    a_front, a_link, b_front, b_link = (_free_port() for _ in range(4))
+    endpoints = {"grpc": {"ip": "127.0.0.1", "port": b_front, "transport": "grpc"},
+                 "tcp": {"ip": "127.0.0.1", "port": b_link, "transport": "tcp"}}
+    b_config = _write_gateway(root, ["10000"], {"9999": {"default": [{"ip": "127.0.0.1", "port": a_link,
+                                                                        "transport": "tcp"}]}},
+                              front=b_front, link=b_link, audit=audit)
+    a_config = _write_gateway(root, ["9999"], {"10000": {"default": [endpoints["grpc"]]}},
+                              front=a_front, link=a_link, audit=audit)
+
+    def use(transport: str) -> None:
+        table = {"self_party": ["9999"], "route_table": {"10000": {"default": [endpoints[transport]]}}}
+        tmp = a_config.parent / "routes.json.new"
+        tmp.write_text(json.dumps(table))
+        tmp.replace(a_config.parent / "routes.json")  # atomic: the gateway sees old or new, never half
+        time.sleep(2.0)  # the gateway polls the file every 0.5 s
+
+    logs = [open(cfg.parent / "gateway.log", "wb") for cfg in (a_config, b_config)]  # noqa: SIM115
     procs = [
-        subprocess.Popen([sys.executable, "-m", "fedgate", "run", "--config", str(cfg)], stderr=subprocess.PIPE)
-        for cfg in (a_config, b_config)
+        subprocess.Popen([sys.executable, "-m", "fedgate", "run", "--config", str(cfg)], stdout=log, stderr=log)
+        for cfg, log in zip((a_config, b_config), logs)
     ]
     try:
         for port in (a_front, b_front):
             _wait_port(port)
-        yield a_front, b_front
+        yield a_front, b_front, use
     finally:
         for proc in procs:
             proc.terminate()
@@ -102,6 +112,11 @@ def _gateways(root: pathlib.Path) -> Iterator[tuple[int, int]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for log in logs:
+            log.close()
+            text = pathlib.Path(log.name).read_text(errors="replace").strip()
+            if text:
+                print(f"--- {log.name} (last lines)\n" + "\n".join(text.splitlines()[-15:]), file=sys.stderr)
 
 
 def _wait_port(port: int, timeout: float = 30.0) -> None:
@@ -117,19 +132,22 @@ async def _run_case(
     push_port: int, pop_port: int, *, target: str, path: str, size: int, count: int, concurrency: int
 ) -> _Result:
     from fedgate.proxy.osx_client import OsxQueueClient
+    from fedgate.proxy.protos import osx_pb2
 
     session = f"bench-{path}-{size}-{time.monotonic_ns()}"
     topic = f"{session}-guest-9999-host-{target}-x"
     pusher = OsxQueueClient(f"127.0.0.1:{push_port}", party="9999")
     popper = OsxQueueClient(f"127.0.0.1:{pop_port}", party=target)
-    body = os.urandom(max(0, size - 8))
+    # A FATE-shaped message: OSX Message(msgId, JSON head, body = inline mode byte + protocol-4 pickle).
+    body = b"\x00" + pickle.dumps(os.urandom(max(0, size - 64)), protocol=4)
     latencies: list[float] = []
     todo = list(range(count))
 
     async def push_loop() -> None:
         while todo:
-            todo.pop()  # one message per iteration, shared by the pushers
-            payload = struct.pack("<d", time.perf_counter()) + body
+            i = todo.pop()  # one message per iteration, shared by the pushers
+            head = struct.pack("<d", time.perf_counter())
+            payload = osx_pb2.Message(msgId=str(i), head=head, body=body).SerializeToString()
             await pusher.push(session=session, topic=topic, target=target, payload=payload)
 
     async def pop_loop(n: int) -> None:
@@ -137,7 +155,8 @@ async def _run_case(
             payload = await popper.pop(session=session, topic=topic, timeout=120)
             if payload is None:
                 raise SystemExit("bench proxy: a pop timed out; messages were lost or the gateway stalled")
-            latencies.append(time.perf_counter() - struct.unpack_from("<d", payload)[0])
+            sent = struct.unpack("<d", osx_pb2.Message.FromString(payload).head)[0]
+            latencies.append(time.perf_counter() - sent)
 
     share = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
     started = time.perf_counter()
@@ -155,13 +174,19 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--count-1m", type=int, default=300, help="1 MiB messages per path (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16, help="pushers and poppers (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--audit", action="store_true",
+                        help="run the audit chain and ledger in both gateways (payloads are FATE-shaped)")
     args = parser.parse_args(argv)
 
     results: list[_Result] = []
-    with tempfile.TemporaryDirectory(prefix="fedgate-bench-") as tmp, _gateways(pathlib.Path(tmp)) as (a, b):
-        for label, size in K_SIZES.items():
-            count = args.count_1k if size == 1024 else args.count_1m
-            for path, pop_port, target in (("one gateway", a, "9999"), ("two gateways", b, "10000")):
+    with (tempfile.TemporaryDirectory(prefix="fedgate-bench-") as tmp,
+          _gateways(pathlib.Path(tmp), audit=args.audit) as (a, b, use)):
+        for path, pop_port, target, transport in (("one gateway", a, "9999", ""), ("two, grpc hop", b, "10000", "grpc"),
+                                                  ("two, tcp link", b, "10000", "tcp")):
+            if transport:
+                use(transport)
+            for label, size in K_SIZES.items():
+                count = args.count_1k if size == 1024 else args.count_1m
                 result = asyncio.run(
                     _run_case(a, pop_port, target=target, path=path, size=size, count=count,
                               concurrency=args.concurrency)
@@ -172,6 +197,7 @@ def main(argv: Sequence[str]) -> int:
                     f"p50 {result.pct(0.5):7.2f} ms  p99 {result.pct(0.99):7.2f} ms",
                     flush=True,
                 )
+    results.sort(key=lambda r: r.size)
     print("\nsize   path           MB/s     msg/s    p50 ms   p99 ms   vs one gateway")
     for r in results:
         base = next(x for x in results if x.size == r.size and x.path == "one gateway")
