@@ -40,9 +40,9 @@ class ComputeConfig:
     """Window of the DJN fixed-base table in bits; 0 picks 10 for 1024-bit and 9 for 2048-bit keys.
     Memory per key and process is about (bits/2 / window) * 2^window * 2*bits/8 bytes (14-30 MB)."""
     cpu_ifma: bool = True
-    """Let the cpu backend use Intel crypto_mb (AVX-512 IFMA, 8 exponentiations per call) for decryption
-    and non-DJN encryption when ``pip install 'fedgate[ifma]'`` put it in the environment and the CPU
-    has avx512ifma; otherwise gmpy2 does everything."""
+    """Let the cpu backend use Intel crypto_mb (AVX-512 IFMA, 8 exponentiations per call) for
+    decryption, scalar multiplication and non-DJN encryption, when ``pip install 'fedgate[ifma]'`` put
+    it in the environment and the CPU has avx512ifma; otherwise gmpy2 does everything."""
     pool_size: int = field(default=0, metadata=bounds(ge=0))
     """Precomputed r^n values kept per key for encryption (each used once, then dropped); 0 disables."""
     pool_low_water: float = field(default=0.5, metadata=bounds(ge=0, le=1))

@@ -44,6 +44,7 @@ from fedgate.compute.paillier import (
     PublicKey,
     SecretKey,
     decrypt_raw,
+    invert_ciphertext,
     mul_scalar_raw,
     random_rn,
     random_rn_crt,
@@ -140,13 +141,20 @@ class _Engine:
             cs = from_limbs(LimbBuffer(data, sk.public.cipher_width))
             return to_limbs(self.decrypt(sk, cs, use_ifma), sk.public.plain_width).data
         if op == "mul":
-            _, n, cdata, kdata = job
+            _, n, cdata, kdata, use_ifma = job
             pk = PublicKey(n)
             cs = from_limbs(LimbBuffer(cdata, pk.cipher_width))
             ks = from_limbs(LimbBuffer(kdata, pk.plain_width))
             if any(k >= n for k in ks):
                 raise InvalidRequestError("scalar is not a residue mod n")
-            return to_limbs((mul_scalar_raw(pk, c, k) for c, k in zip(cs, ks)), pk.cipher_width).data
+            mb = self.accel(use_ifma)
+            if mb is None:
+                return to_limbs((mul_scalar_raw(pk, c, k) for c, k in zip(cs, ks)), pk.cipher_width).data
+            # same values as mul_scalar_raw: negative scalars (k > n/2) as (c^-1)^(n-k)
+            half = pk.max_int
+            bases = [int(invert_ciphertext(pk, c)) if k > half else c for c, k in zip(cs, ks)]
+            exps = [n - k if k > half else k for k in ks]
+            return to_limbs(mb.powm(bases, exps, pk.n2), pk.cipher_width).data
         if op == "powm":
             _, mod, bdata, bwidth, edata, ewidth = job
             bs = from_limbs(LimbBuffer(bdata, bwidth))
@@ -269,7 +277,7 @@ class CpuBackend:
             raise InvalidRequestError(f"batch sizes differ: {ciphertexts.count} != {scalars.count}")
         self._counts["eval"] += scalars.count
         jobs: list[Job] = [
-            ("mul", pk.n, ciphertexts.slice(a, b).data, scalars.slice(a, b).data)
+            ("mul", pk.n, ciphertexts.slice(a, b).data, scalars.slice(a, b).data, self._config.cpu_ifma)
             for a, b in self._chunks(scalars.count)
         ]
         return LimbBuffer(b"".join(self._map(jobs)), pk.cipher_width)

@@ -46,7 +46,7 @@ from fedgate.compute.api import BackendStats
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.djn import DjnTable
 from fedgate.compute.limbs import LimbBuffer, from_limbs, limbs_for_bits, to_limbs
-from fedgate.compute.paillier import PublicKey, SecretKey
+from fedgate.compute.paillier import PublicKey, SecretKey, invert_ciphertext
 from fedgate.errors import InvalidRequestError, LocalError
 
 __all__ = [
@@ -385,7 +385,7 @@ class FpgaBackend:
             raise InvalidRequestError("scalar is not a residue mod n")
         self._counts["eval"] += len(ks)
         # negative scalars (k > n/2): invert on the host, short exponent n - k on the card (as FATE does)
-        bases = [int(gmpy2.invert(c, pk.n2)) if k > pk.max_int else c for c, k in zip(cs, ks)]
+        bases = [int(invert_ciphertext(pk, c)) if k > pk.max_int else c for c, k in zip(cs, ks)]
         exps = [pk.n - k if k > pk.max_int else k for k in ks]
         nl, nh = pk.cipher_width, pk.plain_width
         return to_limbs(self._batch("powm", bases, False, exps, False, nh, pk.n2, nl, len(ks)), nl)

@@ -99,7 +99,8 @@ class MultiBufferModexp:
         exp_list: Sequence[int] = [exps] if isinstance(exps, int) else exps
         if not shared and len(exp_list) != count:
             raise InvalidRequestError("one exponent per base is required")
-        exp_bits = max(1, max(int(e).bit_length() for e in exp_list))
+        exp_lens = [max(1, int(e).bit_length()) for e in exp_list]
+        exp_bits = max(exp_lens)
         if exp_bits > mod_bits:
             raise InvalidRequestError("exponents longer than the modulus are not supported by crypto_mb")
         ewords = (exp_bits + 63) // 64
@@ -122,7 +123,9 @@ class MultiBufferModexp:
             ins = _Ptr8(*[b0 + (start + k) * size for k in range(K_LANES)])
             step = 0 if shared else esize
             es = _Ptr8(*[e0 + (start + k) * step for k in range(K_LANES)])
-            status = fn(outs, ins, es, exp_bits, mods, mod_bits, ctypes.addressof(scratch), len(scratch))
+            # one long exponent must not slow every lane of the batch: size each group of 8 alone
+            group_bits = exp_bits if shared else max(exp_lens[start : start + K_LANES] or [1])
+            status = fn(outs, ins, es, group_bits, mods, mod_bits, ctypes.addressof(scratch), len(scratch))
             if status:
                 raise LocalError(f"crypto_mb mbx_exp_mb8 failed (lane status {status:#010x})")
         raw = out_buf.raw

@@ -35,6 +35,7 @@ __all__ = [
     "decrypt_raw",
     "encrypt_raw",
     "generate_keypair",
+    "invert_ciphertext",
     "mul_scalar_raw",
     "random_rn",
     "random_rn_crt",
@@ -216,5 +217,13 @@ def add_raw(pk: PublicKey, a: int, b: int) -> mpz:
 def mul_scalar_raw(pk: PublicKey, c: int, k: int) -> mpz:
     """Homomorphic multiplication by a residue ``k``; scalars above n/2 (negatives) use (c^-1)^(n-k)."""
     if k > pk.max_int:
-        return gmpy2.powmod(gmpy2.invert(c, pk.n2), pk.n - k, pk.n2)
+        return gmpy2.powmod(invert_ciphertext(pk, c), pk.n - k, pk.n2)
     return gmpy2.powmod(c, k, pk.n2)
+
+
+def invert_ciphertext(pk: PublicKey, c: int) -> mpz:
+    """c^-1 mod n^2 (an encryption of -m); a non-unit is not a ciphertext."""
+    try:
+        return gmpy2.invert(c, pk.n2)
+    except ZeroDivisionError as exc:
+        raise InvalidRequestError("ciphertext is not invertible mod n^2") from exc

@@ -146,6 +146,7 @@ def check_rejects_bad_input(backend: HeBackend, pk: PublicKey, sk: SecretKey) ->
         lambda: backend.decrypt(sk, to_limbs([1], pk.plain_width)),
         lambda: backend.add(pk, to_limbs([1, 1], pk.cipher_width), to_limbs([1], pk.cipher_width)),
         lambda: backend.mul_scalar(pk, to_limbs([1], pk.cipher_width), to_limbs([1, 2], pk.plain_width)),
+        lambda: backend.mul_scalar(pk, to_limbs([1], pk.cipher_width), to_limbs([pk.n], pk.plain_width)),
     ]
     for index, case in enumerate(cases):
         try:
