@@ -275,9 +275,13 @@ async def serve_compute(
     host, port = parse_hostport(address, path="compute.listen")
     be = backend if backend is not None else await asyncio.to_thread(create_backend, config)
     service = HeService(config, be)
-    server = grpc.aio.server(options=server_options(config))
+    # no SO_REUSEPORT: a second gateway on the same port must fail, not share the traffic
+    server = grpc.aio.server(options=[*server_options(config), ("grpc.so_reuseport", 0)])
     add_to_server(server, service)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except RuntimeError:  # newer grpcio raises instead of returning 0
+        bound = 0
     if bound == 0:
         await asyncio.to_thread(be.close)
         raise ConfigError(f"cannot listen on {address}", path="compute.listen")

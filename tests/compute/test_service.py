@@ -16,7 +16,7 @@ from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
 from fedgate.compute.limbs import from_limbs, to_limbs
 from fedgate.compute.paillier import decrypt_raw, generate_keypair
 from fedgate.compute.service import serve_compute
-from fedgate.errors import InvalidRequestError, StoreFullError
+from fedgate.errors import ConfigError, InvalidRequestError, StoreFullError
 
 CONFIG = ComputeConfig(backend="cpu", workers=1, key_bits=1024, pool_size=16, max_keys=3, max_batch=1000)
 
@@ -115,6 +115,19 @@ def test_bad_requests_fail_with_status() -> None:
                 await he.generate_key(1024)
                 with pytest.raises(StoreFullError):
                     await he.generate_key(1024)
+        finally:
+            await server.stop(0)
+
+    _run(scenario())
+
+
+def test_serve_compute_builds_its_backend_and_refuses_a_taken_port() -> None:
+    async def scenario() -> None:
+        server = await serve_compute(CONFIG, listen="127.0.0.1:0")
+        try:
+            assert server.service.backend.name == "cpu"
+            with pytest.raises(ConfigError, match="cannot listen"):
+                await serve_compute(CONFIG, listen=f"127.0.0.1:{server.port}", backend=CpuBackend(CONFIG))
         finally:
             await server.stop(0)
 
