@@ -239,3 +239,9 @@ class LinkManager:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.aclose()
+        for carrier in self._carriers.values():
+            # Carriers that hold resources (the RDMA device, QUIC sockets) release them in order here.
+            close = getattr(carrier, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
