@@ -9,7 +9,8 @@ it must never import fedgate. Rules of this file:
 - ``pull``: drains the packets a proxy stored for (session, name, tag) with
   ``DataTransferService.pull`` and decodes their bodies with eggroll's own bin-batch reader, then
   checks the reassembled bytes against the expected object.
-- The object is a pure function of ``--size`` and ``--seed``; both sides rebuild it.
+- The object is FATE object bytes (mode byte 0 + a protocol-4 pickle of a dict holding ``--size``
+  random bytes), a pure function of ``--size`` and ``--seed``; both sides rebuild it.
 - One ``RESULT {json}`` line, last on stdout; exit status 0 only when ``ok``. Logs go to stderr.
 """
 
@@ -20,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import random
 import sys
 import time
@@ -39,8 +41,16 @@ def _mod(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _payload(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+def _payload(size: int, seed: int, *, raw: bool = False) -> bytes:
+    """FATE object bytes, as FATE's federation hands them to rollsite: mode byte 0 + pickle (protocol 4).
+
+    A proxy's audit filter rejects bytes that are not FATE-framed, so the object must look real;
+    ``raw`` gives plain random bytes instead (to see a rejection).
+    """
+    blob = random.Random(seed).randbytes(size)
+    if raw:
+        return blob
+    return b"\x00" + pickle.dumps({"note": f"rollsite-{seed}", "blob": blob}, protocol=4)
 
 
 class _Ctx:
@@ -61,7 +71,7 @@ def _push(args: argparse.Namespace) -> dict[str, Any]:
     rollsite = _mod("eggroll.federation._rollsite")
     ctx = _Ctx(args)
     rs = rollsite.RollSite(args.name, args.tag, ctx, options=dict(K_FAIL_FAST))
-    obj = _payload(args.size, args.seed)
+    obj = _payload(args.size, args.seed, raw=args.raw)
     futures = rs.push_bytes(obj, parties=[(args.dst_role, args.dst_party)], options=dict(K_FAIL_FAST))
     for f in futures:
         f.result(timeout=args.timeout)
@@ -101,10 +111,11 @@ def _pull(args: argparse.Namespace) -> dict[str, Any]:
     bodies = [p.body.value for p in packets if p.body.value]
     pairs = sorted(transfer_pair.TransferPair.bin_batch_to_pair(bodies), key=lambda kv: int.from_bytes(kv[0], "big"))
     got = b"".join(v for _, v in pairs)
-    want = _payload(args.size, args.seed)
+    want = _payload(args.size, args.seed, raw=args.raw)
     return {
         "ok": got == want,
         "bytes": len(got),
+        "want_bytes": len(want),
         "packets": len(packets),
         "streams": len({h.streamSeq for h in headers}),
         "max_body": max((len(b) for b in bodies), default=0),
@@ -132,6 +143,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--dst-party", required=True)
     p.add_argument("--size", type=int, default=350_000, help="object size in bytes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--raw", action="store_true", help="random bytes instead of a FATE-framed object")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds")
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("ROLLSITE_DRIVER_LOG", "WARNING"))
