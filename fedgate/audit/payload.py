@@ -164,7 +164,7 @@ class PayloadInspector:
             events.append(Malformed("fate", "empty object bytes"))
             return "opaque", None
         if body[0] == 0:
-            events.extend(self._walk_whole(memoryview(body)[1:]))
+            events.extend(self._walk_whole(body, skip=1))
             return "inline", len(body) - 1
         if body[0] == 1 and len(body) == 1 + K_SPLIT_HEADER.size:
             total = K_SPLIT_HEADER.unpack_from(body, 1)[0]
@@ -188,9 +188,9 @@ class PayloadInspector:
                 continue
             self._piece(("split", *split_key), index, piece, events, now=now)
 
-    def _walk_whole(self, data: bytes | memoryview) -> list[Event]:
+    def _walk_whole(self, data: bytes, *, skip: int = 0) -> list[Event]:
         walker = PickleWalker(limits=self._limits.pickle)
-        walker.feed(data)
+        walker.feed(data, skip=skip)
         walker.close()
         return walker.events()
 

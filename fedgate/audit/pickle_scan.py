@@ -80,6 +80,7 @@ class PickleWalker:
     def __init__(self, *, limits: PickleLimits = PickleLimits()) -> None:
         self._limits = limits
         self._buf = bytearray()
+        self._pos = 0
         self._events: list[Event] = []
         self._machine = SymbolicMachine(
             self._events, max_memo=limits.max_memo, max_stack=limits.max_stack, max_items=limits.max_items
@@ -109,17 +110,25 @@ class PickleWalker:
         self._events.clear()  # the list is shared with the machine
         return events
 
-    def feed(self, data: bytes | memoryview) -> None:
-        """Accept the next piece of the pickle."""
-        if not data:
+    def feed(self, data: bytes | memoryview, *, skip: int = 0) -> None:
+        """Accept the next piece of the pickle; the first ``skip`` bytes of ``data`` are not part of it
+        (FATE's mode byte: passing it this way spares copying a large object)."""
+        if len(data) <= skip:
             return
-        self.consumed += len(data)
+        self.consumed += len(data) - skip
         if self._state == "error":
             return
-        self._buf += data
+        # a whole pickle in one piece (the common case) is walked in place, without a copy
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += memoryview(data)[skip:]
+            buf, skip = self._buf, 0
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
+        self._pos = skip
         try:
             if self._state == "run":
-                self._run()
+                self._run(buf)
         except _Stop:
             pass
         except WalkError as exc:
@@ -128,6 +137,10 @@ class PickleWalker:
         except WalkLimit as exc:
             self._state = "error"
             self._events.append(ScanLimit(exc.limit, str(exc)))
+        if buf is self._buf:
+            del self._buf[: self._pos]
+        else:
+            self._buf = bytearray(buf[self._pos :])
         if self._state == "done" and self._buf:
             self._state = "error"
             self._events.append(Malformed("pickle", "trailing bytes after STOP"))
@@ -140,13 +153,12 @@ class PickleWalker:
 
     # -- the opcode loop --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        buf = self._buf
-        pos = 0
+    def _run(self, buf: bytes | bytearray) -> None:
+        pos = self._pos
         try:
             while self._state == "run":
                 if self._stream_left:
-                    pos = self._stream(pos)
+                    pos = self._stream(buf, pos)
                     if self._stream_left:
                         return
                     continue
@@ -219,27 +231,29 @@ class PickleWalker:
                 self._stream_head.clear()
                 self._stream_sink = None
         finally:
-            del buf[:pos]
+            self._pos = pos  # feed() drops what was consumed
 
-    def _stream(self, pos: int) -> int:
+    def _stream(self, buf: bytes | bytearray, pos: int) -> int:
         """Consume as much of the long argument as is buffered; returns the new position."""
-        take = min(self._stream_left, len(self._buf) - pos)
+        take = min(self._stream_left, len(buf) - pos)
         if take <= 0:
             return pos
-        piece = bytes(self._buf[pos : pos + take])
         if self._stream_op in _BYTES_OPS:
-            offset = self._stream_len - self._stream_left
-            rest = piece
-            if offset < K_SNIFF:  # still collecting the first bytes to recognise safetensors
-                self._stream_head += piece[: K_SNIFF - offset]
-                rest = piece[K_SNIFF - offset :]
-                if len(self._stream_head) >= K_SNIFF and looks_like_safetensors(
-                    bytes(self._stream_head), self._stream_len
-                ):
-                    self._stream_sink = SafetensorsScanner(self._stream_len)
-                    self._stream_sink.feed(bytes(self._stream_head))
-            if self._stream_sink is not None and rest:
-                self._stream_sink.feed(rest)
+            # views, not copies; released here so that feed() may trim a bytearray buffer afterwards
+            with memoryview(buf) as whole, whole[pos : pos + take] as piece:
+                offset = self._stream_len - self._stream_left
+                skip = 0
+                if offset < K_SNIFF:  # still collecting the first bytes to recognise safetensors
+                    skip = K_SNIFF - offset
+                    self._stream_head += piece[:skip]
+                    if len(self._stream_head) >= K_SNIFF and looks_like_safetensors(
+                        bytes(self._stream_head), self._stream_len
+                    ):
+                        self._stream_sink = SafetensorsScanner(self._stream_len)
+                        self._stream_sink.feed(bytes(self._stream_head))
+                if self._stream_sink is not None and take > skip:
+                    with piece[skip:] as rest:
+                        self._stream_sink.feed(rest)
         self._stream_left -= take
         pos += take
         if not self._stream_left:

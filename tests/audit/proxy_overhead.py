@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import pathlib
+import re
 import resource
 import sys
 import tempfile
@@ -43,14 +44,17 @@ K_MODES = {
 
 @contextlib.contextmanager
 def _audit(section: str) -> Iterator[None]:
-    original: Callable[..., tuple[pathlib.Path, int]] = bench_proxy._write_gateway
+    """Wrap the bench's config writer: drop any ``[audit]`` table it wrote and append ``section``."""
+    original: Callable[..., Any] = bench_proxy._write_gateway
 
-    def write(*args: Any, **kwargs: Any) -> tuple[pathlib.Path, int]:
-        config, front = original(*args, **kwargs)
+    def write(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
         policy = config.parent / "audit_policy.toml"
         policy.write_text("[default]\nrequire_fate_framing = false\n")
-        config.write_text(config.read_text() + section.format(policy=policy))
-        return config, front
+        text = re.sub(r"(?ms)^\[audit\]\n.*?(?=^\[|\Z)", "", config.read_text())
+        config.write_text(text + section.format(policy=policy))
+        return result
 
     bench_proxy._write_gateway = write
     try:

@@ -128,6 +128,15 @@ def test_malformed_pickles_are_reported(data: bytes, needle: str) -> None:
     assert bad and needle in bad[0].detail
 
 
+def test_skip_ignores_a_prefix() -> None:
+    data = pickle.dumps({"bytes": safetensors_blob([[1.0, 5.0]])}, protocol=4)
+    walker = PickleWalker()
+    walker.feed(b"\x00" + data, skip=1)
+    walker.close()
+    assert walker.done and not walker.failed and walker.consumed == len(data)
+    assert walk(data) == walker.events()
+
+
 def test_bytes_after_stop_in_a_later_piece_are_malformed() -> None:
     walker = PickleWalker()
     walker.feed(b"\x80\x04N.")
