@@ -141,12 +141,17 @@ class PayloadInspector:
         base = ("osx", env.session_id, env.src_party, env.dst_party)
         try:
             msg = osx_pb2.Message.FromString(env.payload)
+        except DecodeError as exc:
+            events.append(Malformed("osx", f"not an org.ppc.ptp.Message: {exc}"))
+            return Inspection("osx", "", "", "opaque", base, None, tuple(events))
+        try:
             head = json.loads(msg.head) if msg.head else {}
             if not isinstance(head, dict):
-                raise ValueError("head is not a JSON object")
-        except (DecodeError, ValueError) as exc:
-            events.append(Malformed("osx", f"not an org.ppc.ptp.Message with a JSON head: {exc}"))
-            return Inspection("osx", "", "", "opaque", base, None, tuple(events))
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # UnicodeDecodeError included
+            # FATE always writes a JSON head; the body is still inspected as an object
+            events.append(Malformed("osx", f"Message.head is not a JSON object: {exc}"))
+            head = {}
         raw_name = str(head.get("message_id", ""))
         tag = str(head.get("correlation_id", ""))
         name = object_name(raw_name)

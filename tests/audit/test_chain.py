@@ -14,6 +14,7 @@ from fedgate.audit import AuditChain, AuditConfig, Continue, Reject, build_filte
 from fedgate.audit.policy import AuditPolicy, policy_from_data
 from fedgate.errors import RejectedError, UnknownPluginError
 from fedgate.proxy.envelope import Envelope
+from fedgate.proxy.protos import osx_pb2
 from tests.audit.conftest import fate_inline, forged_pk_pickle, gadget_pickle, osx_envelope
 
 
@@ -121,6 +122,11 @@ def test_opaque_payloads_can_be_let_through() -> None:
     assert rule_of(chain_of(), env) == "malformed.osx"
     lenient = chain_of("[default]\nrequire_fate_framing = false")
     assert rule_of(lenient, env) is None
+    # a Message whose head is not JSON: the body is still inspected
+    bad_head = osx_pb2.Message(head=b"\xad\x01", body=fate_inline(gadget_pickle("true"))).SerializeToString()
+    env = Envelope(message_id="m", session_id="s", topic="t", src_party="1", dst_party="2", payload=bad_head)
+    assert rule_of(chain_of(), env) == "malformed.osx"
+    assert rule_of(lenient, env) == "pickle.global"
     # a FATE message with a bad body is still malformed
     assert rule_of(lenient, osx_envelope("x", b"\x07abc")) == "malformed.fate"
     assert rule_of(lenient, osx_envelope("x", fate_inline(gadget_pickle("true")))) == "pickle.global"
