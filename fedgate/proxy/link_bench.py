@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import pathlib
 import ssl
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -150,27 +151,39 @@ async def link_run(count: int, size: int, server_ctx: ssl.SSLContext | None, cli
 
 
 async def _bench(args: argparse.Namespace) -> None:
+    """Each round measures the raw baseline, then every link case right after it; a case's ratio is
+    taken against the baseline of its own round and the median over rounds is printed, so a noisy,
+    shared machine moves both sides of a ratio together."""
     with tempfile.TemporaryDirectory() as tmp:
         server_ctx, client_ctx = (None, None) if args.plain else _contexts(pathlib.Path(tmp))
         total = args.total_mib * K_MIB
         mode = "plain TCP" if args.plain else "TLS 1.3 (mTLS) over TCP"
-        print(f"# fedgate bench link: loopback, {mode}, chunk {args.chunk_kib} KiB, window {args.window_mib} MiB")
-        raw = min([await raw_tls(total, server_ctx, client_ctx) for _ in range(args.repeat)])
-        raw_rate = total / raw / K_MIB
-        print(f"{'case':<28}{'MiB/s':>10}{'msg/s':>12}{'vs raw':>9}")
-        print(f"{'raw socket, 1 MiB writes':<28}{raw_rate:>10.1f}{'':>12}{1.0:>9.2f}")
-        cases = [("link, 1 MiB messages", args.total_mib, K_MIB),
-                 ("link, 1 KiB messages", args.small_count, 1024)]
-        stores: list[tuple[str, pathlib.Path | None]] = [("", None)]
+        loop_name = "uvloop" if args.uvloop else "asyncio"
+        print(f"# fedgate bench link: loopback, {mode}, {loop_name}, chunk {args.chunk_kib} KiB, "
+              f"window {args.window_mib} MiB, {args.rounds} round(s), medians")
+        cases: list[tuple[str, int, int, pathlib.Path | None]] = [
+            ("link, 1 MiB messages", args.total_mib, K_MIB, None),
+            ("link, 1 KiB messages", args.small_count, 1024, None),
+        ]
         if args.sqlite:
-            stores.append((" (SQLite)", pathlib.Path(tmp)))
-        for suffix, sqlite_dir in stores:
-            for label, count, size in cases:
-                secs = min([await link_run(count, size, server_ctx, client_ctx, chunk=args.chunk_kib * 1024,
-                                           window=args.window_mib * K_MIB, sqlite_dir=sqlite_dir)
-                            for _ in range(args.repeat)])
+            cases += [(label + " (SQLite)", count, size, pathlib.Path(tmp)) for label, count, size, _ in cases]
+        raw_rates: list[float] = []
+        rates: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in cases}
+        for _ in range(args.rounds):
+            raw_rate = total / await raw_tls(total, server_ctx, client_ctx) / K_MIB
+            raw_rates.append(raw_rate)
+            for label, count, size, sqlite_dir in cases:
+                secs = await link_run(count, size, server_ctx, client_ctx, chunk=args.chunk_kib * 1024,
+                                      window=args.window_mib * K_MIB, sqlite_dir=sqlite_dir)
                 rate = count * size / secs / K_MIB
-                print(f"{label + suffix:<28}{rate:>10.1f}{count / secs:>12.0f}{rate / raw_rate:>9.2f}")
+                rates[label].append((rate, count / secs, rate / raw_rate))
+        print(f"{'case':<30}{'MiB/s':>10}{'msg/s':>10}{'vs raw':>9}  {'ratio range':>13}")
+        print(f"{'raw socket, 1 MiB writes':<30}{statistics.median(raw_rates):>10.1f}{'':>10}{1.0:>9.2f}")
+        for label, runs in rates.items():
+            ratios = [r for _, _, r in runs]
+            print(f"{label:<30}{statistics.median(r for r, _, _ in runs):>10.1f}"
+                  f"{statistics.median(m for _, m, _ in runs):>10.0f}{statistics.median(ratios):>9.2f}"
+                  f"  {min(ratios):>6.2f}-{max(ratios):.2f}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -179,7 +192,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--small-count", type=int, default=20000, help="1 KiB messages to send (default 20000)")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="link chunk size in KiB (default 1024)")
     parser.add_argument("--window-mib", type=int, default=64, help="link credit window in MiB (default 64)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the best is printed")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (baseline, every case); medians are printed (default 3)")
     parser.add_argument("--plain", action="store_true", help="no TLS (both baseline and link)")
     parser.add_argument("--sqlite", action="store_true",
                         help="also run the link cases with the receiver storing into the real SQLite store")
