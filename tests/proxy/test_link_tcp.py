@@ -237,3 +237,14 @@ def test_plain_text_mode(certs: pathlib.Path) -> None:
             await wait_for(lambda: lk.outbox.acked == ["m00001"])
 
     asyncio.run(main())
+
+
+def test_bench_runs_and_prints_every_case(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedgate.proxy.link_bench import main
+
+    assert main(["--total-mib", "2", "--small-count", "50", "--rounds", "1", "--sqlite", "--chunk-kib", "256",
+                 "--window-mib", "4"]) == 0
+    out = capsys.readouterr().out
+    for case in ("raw socket, 1 MiB writes", "link, 1 MiB messages", "link, 1 KiB messages",
+                 "link, 1 MiB messages (SQLite)", "link, 1 KiB messages (SQLite)"):
+        assert case in out
