@@ -26,6 +26,8 @@ from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.protos import osx_pb2, proxy_pb2, transfer_pb2
 from tests.audit.conftest import FatePayload
 
+pytestmark = pytest.mark.interop
+
 K_POLICY = """
 [default]
 key_bits = [1024, 2048]
