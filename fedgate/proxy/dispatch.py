@@ -67,11 +67,17 @@ class Dispatcher:
     def is_local(self, party: str) -> bool:
         return party in self._party_ids or self._router.is_local(party)
 
+    async def inspect(self, envelope: Envelope, *, direction: Direction = "outbound") -> None:
+        """Run the audit chain alone; raises RejectedError. Follow with ``dispatch(..., inspected=True)``."""
+        if self._inspect is not None:
+            await self._inspect(envelope, direction)
+
     async def dispatch(
-        self, envelope: Envelope, *, direction: Direction = "outbound", deduplicate: bool = False
+        self, envelope: Envelope, *, direction: Direction = "outbound", deduplicate: bool = False,
+        inspected: bool = False,
     ) -> str:
         """Deliver ``envelope`` one step further; returns the route kind taken (for logs/metrics)."""
-        if self._inspect is not None:
+        if self._inspect is not None and not inspected:
             await self._inspect(envelope, direction)
         peer = envelope.dst_party
         if self.is_local(peer):

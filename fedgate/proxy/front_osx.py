@@ -111,8 +111,8 @@ class OsxTransportServicer(osx_pb2_grpc.PrivateTransferTransportServicer):
                 session = _require(headers, "x-ptp-session-id", "pop")
                 if not request.topic:
                     raise InvalidRequestError("pop: empty topic")
-                wait = request.timeout / 1000 if request.timeout > 0 else self._max_wait
-                envelope = await self._store.pop(session, request.topic, timeout=min(wait, self._max_wait))
+                wait = min(request.timeout / 1000 if request.timeout > 0 else self._max_wait, self._max_wait)
+                envelope = await self._store.pop(session, request.topic, timeout=wait)
             except LookupError as exc:
                 return osx_pb2.TransportOutbound(code=K_CODE_TIMEOUT, message=str(exc))
             except FedgateError as exc:

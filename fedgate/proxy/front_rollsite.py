@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from fedgate.errors import FedgateError, InvalidRequestError, PeerUnavailableError
+from fedgate.errors import FedgateError, InvalidRequestError, MessageTooLargeError, PeerUnavailableError
 from fedgate.proxy.dispatch import Dispatcher
 from fedgate.proxy.envelope import Envelope, new_message_id
 from fedgate.proxy.osx_client import channel_options
@@ -34,6 +34,23 @@ from fedgate.proxy.store import SqliteStore
 __all__ = ["DataTransferServicer", "RouteServicer", "packet_destination"]
 
 log = logging.getLogger("fedgate.front.rollsite")
+
+
+class _PeerRefused(FedgateError):
+    """The next hop refused the request; ``grpc_status`` repeats its status."""
+
+
+def _refusal(status: str) -> type[FedgateError]:
+    return type(f"PeerRefused{status.title().replace('_', '')}", (_PeerRefused,), {"grpc_status": status})
+
+
+# Statuses of a next hop that a retry cannot change; passed on to the client as they are.
+_K_FINAL_STATUS: dict[grpc.StatusCode, type[FedgateError]] = {
+    code: _refusal(code.name)
+    for code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+                 grpc.StatusCode.UNIMPLEMENTED)
+}
 
 
 def _rollsite_header(meta: proxy_pb2.Metadata) -> transfer_pb2.RollSiteHeader | None:
@@ -130,16 +147,27 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
             raise InvalidRequestError("push stream carried no packet") from None
         party, role, _ = packet_destination(first.header)
         if self._dispatcher.is_local(party) or self._is_link_route(party, role):
-            count = 0
+            # A stream is stored whole or not at all: every packet passes the audit chain first
+            # (EggRoll streams are at most 10 packets of 100 kB; the total is capped anyway).
+            envelopes: list[Envelope] = []
+            size = 0
             packet: proxy_pb2.Packet | None = first
             while packet is not None:
                 p_party, p_role, p_header = packet_destination(packet.header)
-                await self._dispatcher.dispatch(_envelope(packet, p_party, p_role, p_header))
-                count += 1
+                envelope = _envelope(packet, p_party, p_role, p_header)
+                size += envelope.size
+                if size > self._max:
+                    raise MessageTooLargeError(
+                        f"push stream exceeds {self._max} bytes (front.max_message_bytes); split it into streams"
+                    )
+                await self._dispatcher.inspect(envelope)
+                envelopes.append(envelope)
                 packet = await anext(iterator, None)
+            for envelope in envelopes:
+                await self._dispatcher.dispatch(envelope, inspected=True)
             reply = proxy_pb2.Metadata()
             reply.CopyFrom(first.header)
-            reply.seq = count
+            reply.seq = len(envelopes)
             return reply
         return await self._relay(first, iterator, party, role)
 
@@ -161,11 +189,15 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
         try:
             reply: proxy_pb2.Metadata = await self._stub(endpoint).push(packets(), timeout=self._forward_timeout)
         except grpc.aio.AioRpcError as exc:
+            text = (f"relaying to party {party} role {role or 'default'} via {endpoint.host}:{endpoint.port} "
+                    f"failed: {exc.code().name}: {exc.details()}")
+            final = _K_FINAL_STATUS.get(exc.code())
+            if final is not None:
+                # The next hop refused the stream itself: pass its verdict on unchanged. UNAVAILABLE
+                # would make eggroll resend the whole stream three times, five minutes apart.
+                raise final(text) from exc
             self._router.report_failure(endpoint, now=time.monotonic(), reason=exc.details() or exc.code().name)
-            raise PeerUnavailableError(
-                f"relaying to party {party} role {role or 'default'} via {endpoint.host}:{endpoint.port} failed: "
-                f"{exc.code().name}: {exc.details()}"
-            ) from exc
+            raise PeerUnavailableError(text) from exc
         self._router.report_success(endpoint, now=time.monotonic())
         return reply
 
