@@ -18,7 +18,6 @@ import pathlib
 import pickle
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -146,8 +145,9 @@ async def _run_case(
     async def push_loop() -> None:
         while todo:
             i = todo.pop()  # one message per iteration, shared by the pushers
-            head = struct.pack("<d", time.perf_counter())
-            payload = osx_pb2.Message(msgId=str(i), head=head, body=body).SerializeToString()
+            head = json.dumps({"message_id": "x", "correlation_id": f"bench-{i}", "app_id": target,
+                               "content_type": "text/plain", "sent": time.perf_counter()}).encode()
+            payload = osx_pb2.Message(msgId="", head=head, body=body).SerializeToString()
             await pusher.push(session=session, topic=topic, target=target, payload=payload)
 
     async def pop_loop(n: int) -> None:
@@ -155,7 +155,7 @@ async def _run_case(
             payload = await popper.pop(session=session, topic=topic, timeout=120)
             if payload is None:
                 raise SystemExit("bench proxy: a pop timed out; messages were lost or the gateway stalled")
-            sent = struct.unpack("<d", osx_pb2.Message.FromString(payload).head)[0]
+            sent = json.loads(osx_pb2.Message.FromString(payload).head)["sent"]
             latencies.append(time.perf_counter() - sent)
 
     share = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
