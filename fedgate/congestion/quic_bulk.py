@@ -18,7 +18,9 @@ Rules of this module:
 4. Receiver JSON: ``bytes``, ``seconds``. Sender JSON: ``bytes_sent`` (datagram bytes acknowledged),
    ``packets_sent``, ``packets_lost`` (declared lost by QUIC loss detection), plus ``cc``, ``state``,
    ``srtt_ms``, ``min_rtt_ms``, ``cwnd``, ``pacing_mbit``, ``bw_mbit``, ``congestion_events`` and
-   ``stream_bytes`` (payload handed to QUIC).
+   ``stream_bytes`` (payload handed to QUIC), and on both sides ``cpu_s``/``cpu_share`` (this
+   process's CPU time over the transfer: well below 1.0 while the host is 100% busy means the QUIC
+   process was starved by other work, not limited by itself).
 5. uvloop runs the event loop when it is installed.
 6. ``--connections N`` (default K_DEFAULT_CONNECTIONS, or $FEDGATE_QUIC_BULK_CONNECTIONS): N QUIC
    connections, one process each, on both sides; the receiver binds N SO_REUSEPORT sockets before
@@ -148,6 +150,7 @@ async def _serve_one(sock: socket.socket, window: _Window, accept_timeout: float
                 total += len(data)
 
     server = await carrier.listen_on(sock, tls=None, handler=handler)
+    cpu0, wall0 = time.process_time(), time.monotonic()
     give_up = time.monotonic() + accept_timeout
     try:
         while True:
@@ -162,7 +165,7 @@ async def _serve_one(sock: socket.socket, window: _Window, accept_timeout: float
         await server.aclose()
     deadline = window.deadline()
     seconds = (min(time.monotonic(), deadline) - window.t0) if deadline is not None else 0.0
-    out: dict[str, Any] = {"bytes": total, "seconds": seconds, "streams": streams}
+    out: dict[str, Any] = {"bytes": total, "seconds": seconds, "streams": streams, **_cpu(cpu0, wall0)}
     if errors:
         out["error"] = errors[0]
     return out
@@ -242,6 +245,12 @@ def _collect(results: Queue[dict[str, Any]], workers: Sequence[BaseProcess]) -> 
     return outs
 
 
+def _cpu(cpu0: float, wall0: float) -> dict[str, float]:
+    """This process's CPU seconds and its share of the wall time since (cpu0, wall0)."""
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    return {"cpu_s": round(cpu, 3), "cpu_share": round(cpu / wall, 3) if wall > 0 else 0.0}
+
+
 def _stats_json(stats: CongestionStatistics) -> dict[str, Any]:
     return {
         "bytes_sent": stats.delivered_bytes,
@@ -271,6 +280,7 @@ async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]
             if time.monotonic() > give_up:
                 raise
             await asyncio.sleep(0.05)
+    cpu0, wall0 = time.process_time(), time.monotonic()
     payload = K_HEADER.pack(duration) + bytes(K_CHUNK - K_HEADER.size)
     filler = bytes(K_CHUNK)
     t0 = time.monotonic()
@@ -282,7 +292,7 @@ async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]
     try:
         while time.monotonic() < deadline + K_SEND_GRACE:
             if at_deadline is None and time.monotonic() >= deadline:
-                at_deadline = _stats_json(channel.statistics())
+                at_deadline = {**_stats_json(channel.statistics()), **_cpu(cpu0, wall0)}
             try:
                 await channel.send(chunk)
             except PeerUnavailableError as exc:
