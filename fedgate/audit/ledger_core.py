@@ -92,8 +92,10 @@ class Checkpoint:
     """Hex raw Ed25519 public key of the signer (informational; verify against a trusted key)."""
 
 
-def record_for(envelope: Envelope, direction: str, verdict: str, rule: str, *, now: float) -> LedgerRecord:
-    """The ledger record of one envelope (hashes the payload)."""
+def record_for(
+    envelope: Envelope, direction: str, verdict: str, rule: str, *, now: float, sha256: str | None = None
+) -> LedgerRecord:
+    """The ledger record of one envelope (hashes the payload unless ``sha256`` is given)."""
     return LedgerRecord(
         ts=now,
         direction=direction,
@@ -103,7 +105,7 @@ def record_for(envelope: Envelope, direction: str, verdict: str, rule: str, *, n
         topic=envelope.topic,
         message_id=envelope.message_id,
         size=envelope.size,
-        sha256=hashlib.sha256(envelope.payload).hexdigest(),
+        sha256=hashlib.sha256(envelope.payload).hexdigest() if sha256 is None else sha256,
         verdict=verdict,
         rule=rule,
     )

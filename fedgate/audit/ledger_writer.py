@@ -2,10 +2,11 @@
 
 Rules of this module:
 
-1. Callers on the event loop never touch SQLite: :meth:`LedgerWriter.record` hashes the payload
-   (via ``ledger_core.record_for``) and queues the record; :meth:`run` drains the queue in batches
-   of up to ``batch`` records, chains them (pure core) and writes each batch in one transaction on
-   a dedicated thread.
+1. Callers on the event loop never touch SQLite: :meth:`LedgerWriter.record` queues the record
+   (hashing small payloads at once, large ones later on the writer thread); :meth:`run` drains the
+   queue in batches of up to ``batch`` records and hands each batch to a dedicated thread, which
+   hashes, chains (pure core), signs when due and writes it in one transaction. The chain head
+   advances only when the transaction committed.
 2. Backpressure is explicit: the queue holds ``queue_size`` records; :meth:`append` waits for room,
    :meth:`record` / :meth:`append_nowait` raise :class:`~fedgate.errors.StoreFullError` when full
    (the front then fails the push with RESOURCE_EXHAUSTED: a message is never passed unrecorded).
@@ -18,8 +19,10 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,6 +34,20 @@ from fedgate.errors import StoreFullError
 from fedgate.proxy.envelope import Envelope
 
 __all__ = ["LedgerWriter"]
+
+K_HASH_IN_WRITER = 64 * 1024  # bytes; payloads this large are hashed on the writer thread
+K_MAX_UNHASHED = 256 * 1024 * 1024  # bytes of payload held for hashing at once; beyond, hash at once
+
+
+@dataclass(frozen=True, slots=True)
+class _Unhashed:
+    """A record whose ``sha256`` the writer thread fills in (the payload is held until then)."""
+
+    record: LedgerRecord
+    payload: bytes
+
+
+_Item = LedgerRecord | _Unhashed
 
 
 class LedgerWriter:
@@ -51,7 +68,8 @@ class LedgerWriter:
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._batch = batch
-        self._queue: asyncio.Queue[LedgerRecord] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
+        self._unhashed = 0  # payload bytes queued for hashing on the writer thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fedgate-ledger")
         self._chain: HashChain | None = None
         self._unsigned = 0
@@ -74,12 +92,25 @@ class LedgerWriter:
         )
 
     def record(self, envelope: Envelope, direction: str, verdict: str, rule: str, *, now: float) -> None:
-        """Queue the record of one audited message; StoreFullError when the queue is full."""
-        self.append_nowait(record_for(envelope, direction, verdict, rule, now=now))
+        """Queue the record of one audited message; StoreFullError when the queue is full.
+
+        Payloads of ``K_HASH_IN_WRITER`` bytes or more are hashed on the writer thread (hashlib
+        releases the GIL), up to ``K_MAX_UNHASHED`` bytes held at once; smaller ones right here.
+        """
+        size = envelope.size
+        if size >= K_HASH_IN_WRITER and self._unhashed + size <= K_MAX_UNHASHED:
+            record = record_for(envelope, direction, verdict, rule, now=now, sha256="")
+            self._put(_Unhashed(record, envelope.payload))
+            self._unhashed += size
+        else:
+            self._put(record_for(envelope, direction, verdict, rule, now=now))
 
     def append_nowait(self, record: LedgerRecord) -> None:
+        self._put(record)
+
+    def _put(self, item: _Item) -> None:
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(item)
         except asyncio.QueueFull as exc:
             raise StoreFullError(f"audit ledger queue is full ({self._queue.maxsize} records)") from exc
 
@@ -93,12 +124,9 @@ class LedgerWriter:
 
     async def run(self) -> None:
         """The writer task: run it in the gateway's task group until cancelled."""
-        loop = asyncio.get_running_loop()
-        seq, head = await loop.run_in_executor(self._executor, self._store.head)
-        self._chain = HashChain(seq=seq, head=head)
-        self._last_checkpoint = loop.time()
+        await self._load_head()
         while True:
-            timeout = max(0.0, self._last_checkpoint + self._interval - loop.time())
+            timeout = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
             try:
                 first = await asyncio.wait_for(self._queue.get(), timeout=timeout if self._unsigned else None)
             except TimeoutError:
@@ -108,33 +136,48 @@ class LedgerWriter:
             while len(batch) < self._batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                due = loop.time() - self._last_checkpoint >= self._interval
+                due = time.monotonic() - self._last_checkpoint >= self._interval
                 await self._write(batch, force_checkpoint=due)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _write(self, records: list[LedgerRecord], *, force_checkpoint: bool) -> None:
+    async def _load_head(self) -> None:
+        if self._chain is None:
+            seq, head = await asyncio.get_running_loop().run_in_executor(self._executor, self._store.head)
+            self._chain = HashChain(seq=seq, head=head)
+            self._last_checkpoint = time.monotonic()
+
+    async def _write(self, items: list[_Item], *, force_checkpoint: bool) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, items, force_checkpoint)
+        finally:
+            self._unhashed -= sum(len(i.payload) for i in items if isinstance(i, _Unhashed))
+
+    def _write_sync(self, items: list[_Item], force_checkpoint: bool) -> None:
+        """On the writer thread: hash what is unhashed, chain, sign when due, write one transaction."""
         assert self._chain is not None
-        loop = asyncio.get_running_loop()
-        entries: list[LedgerEntry] = [self._chain.append(r) for r in records]
-        self._unsigned += len(entries)
+        chain = HashChain(seq=self._chain.seq, head=self._chain.head)  # adopted only once written
+        entries: list[LedgerEntry] = []
+        for item in items:
+            if isinstance(item, _Unhashed):
+                item = replace(item.record, sha256=hashlib.sha256(item.payload).hexdigest())
+            entries.append(chain.append(item))
+        unsigned = self._unsigned + len(entries)
         checkpoint = None
-        if self._unsigned and (force_checkpoint or self._unsigned >= self._every):
-            checkpoint = sign_checkpoint(self._key, self._chain.seq, self._chain.head, now=time.time())
-        await loop.run_in_executor(self._executor, self._store.append, entries, checkpoint)
+        if unsigned and (force_checkpoint or unsigned >= self._every):
+            checkpoint = sign_checkpoint(self._key, chain.seq, chain.head, now=time.time())
+        self._store.append(entries, checkpoint)
+        self._chain = chain
         self.written += len(entries)
+        self._unsigned = 0 if checkpoint is not None else unsigned
         if checkpoint is not None:
-            self._unsigned = 0
-            self._last_checkpoint = loop.time()
+            self._last_checkpoint = time.monotonic()
 
     async def aclose(self) -> None:
         """Write what is queued, sign the head and close the file (after cancelling :meth:`run`)."""
-        if self._chain is None:
-            loop = asyncio.get_running_loop()
-            seq, head = await loop.run_in_executor(self._executor, self._store.head)
-            self._chain = HashChain(seq=seq, head=head)
-        rest: list[LedgerRecord] = []
+        await self._load_head()
+        rest: list[_Item] = []
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
             self._queue.task_done()

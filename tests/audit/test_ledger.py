@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import pathlib
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -14,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedgate.audit import AuditConfig, HashChain, LedgerStore, LedgerWriter, verify_chain
 from fedgate.audit.cli import main, reconcile
 from fedgate.audit.keys import load_public_key, load_signing_key
-from fedgate.audit.ledger_core import record_for, sign_checkpoint
+from fedgate.audit.ledger_core import Checkpoint, LedgerEntry, record_for, sign_checkpoint
+from fedgate.audit.ledger_writer import K_HASH_IN_WRITER
 from fedgate.errors import ConfigError, StoreFullError
 from fedgate.proxy.envelope import Envelope
 
@@ -164,6 +167,58 @@ def test_writer_batches_checkpoints_and_resumes(tmp_path: pathlib.Path) -> None:
     # a checkpoint with the batch that reaches 10 unsigned entries, and one at each close
     assert 25 in cps and cps[-1] == 30
     assert all(b - a <= 10 + 7 - 1 for a, b in zip([0, *cps], cps, strict=False))
+
+
+def test_large_payloads_are_hashed_on_the_writer_thread(tmp_path: pathlib.Path) -> None:
+    big = [replace(envelope(i), payload=bytes([i]) * (K_HASH_IN_WRITER + i)) for i in range(1, 6)]
+
+    async def scenario() -> None:
+        writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), Ed25519PrivateKey.generate(), batch=2)
+        task = asyncio.create_task(writer.run())
+        for i, env in enumerate(big):
+            writer.record(env, "out", "accept", "", now=float(i))
+            writer.record(envelope(100 + i), "in", "accept", "", now=float(i))  # small: hashed at once
+        await writer.flush()
+        assert writer._unhashed == 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    entries = list(store.entries())
+    store.close()
+    assert [e.record.message_id for e in entries][::2] == [e.message_id for e in big]
+    assert [e.record.sha256 for e in entries][::2] == [hashlib.sha256(e.payload).hexdigest() for e in big]
+    assert all(len(e.record.sha256) == 64 for e in entries)
+
+
+def test_a_failed_write_does_not_break_the_chain(tmp_path: pathlib.Path) -> None:
+    class FlakyStore(LedgerStore):
+        fail = True
+
+        def append(self, entries: Sequence[LedgerEntry], checkpoint: Checkpoint | None = None) -> None:
+            if self.fail and entries:
+                self.fail = False
+                raise sqlite3.OperationalError("disk I/O error")
+            super().append(entries, checkpoint)
+
+    key = Ed25519PrivateKey.generate()
+
+    async def scenario() -> None:
+        writer = LedgerWriter(FlakyStore(tmp_path / "l.db"), key, batch=100)
+        writer.record(envelope(1), "out", "accept", "", now=1.0)
+        with pytest.raises(sqlite3.OperationalError):
+            await writer.run()  # the failure ends the writer task; the record of that batch is lost
+        writer.record(envelope(2), "out", "accept", "", now=2.0)
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    assert verify(tmp_path / "l.db", key) == (True, None, "ok")
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    assert [(e.seq, e.record.message_id) for e in store.entries()] == [(1, "m2")]
+    store.close()
 
 
 def test_writer_queue_full_is_store_full(tmp_path: pathlib.Path) -> None:
