@@ -13,6 +13,7 @@ Objects (all from guest 9999 to host 10000, session ``audit-gen``):
 - ``pk_128``, ``pk_2025``: forged keys made with ``fate_utils`` directly, skipping FATE's minimum
   key-size check (what a tampered party would send);
 - ``enc_1024``, ``enc_2048``: encrypted tensors (PHETensor) under those keys;
+- ``pk_ou_1024``, ``enc_ou_1024``: the same with an OU key (``fate_utils.ou``);
 - ``plain_ok`` (values in [0, 1)), ``plain_range`` (feature 2 holds 1e6), ``plain_nan`` (feature 1
   holds NaN), ``plain_empty`` (16 rows, 0 features), ``plain_norows`` (0 rows, 4 features), and
   ``numpy_ok`` (a numpy array, FATE's other safetensors path);
@@ -114,6 +115,17 @@ def _cipher(bits: int) -> Any:
     return PHECipher("paillier", bits, pk, sk, evaluator, coder, tensor_cipher, True, True, True)
 
 
+def _ou_cipher(bits: int) -> Any:
+    """An OU cipher, built as ``ctx.cipher.phe.setup({"kind": "ou"})`` does."""
+    from fate.arch.context._cipher import PHECipher  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.protocol.phe.ou import evaluator, keygen  # type: ignore[import-not-found, unused-ignore]
+    from fate.arch.tensor.phe import PHETensorCipher  # type: ignore[import-not-found, unused-ignore]
+
+    sk, pk, coder = keygen(bits)
+    tensor_cipher = PHETensorCipher.from_raw_cipher(pk, coder, sk, evaluator)
+    return PHECipher("ou", bits, pk, sk, evaluator, coder, tensor_cipher, False, False, True)
+
+
 def _objects() -> list[tuple[str, Any]]:
     import numpy as np
     import torch  # type: ignore[import-not-found, unused-ignore]
@@ -134,6 +146,11 @@ def _objects() -> list[tuple[str, Any]]:
     ciphers = {bits: _cipher(bits) for bits in (1024, 2048, 128, 2025)}
     for bits in (1024, 2048, 128, 2025):
         objects.append((f"pk_{bits}", ciphers[bits].to_public()))
+    ou = _ou_cipher(1024)
+    objects.append(("pk_ou_1024", ou.to_public()))
+    objects.append(
+        ("enc_ou_1024", ou.get_tensor_encryptor().encrypt_tensor(torch.arange(12, dtype=torch.int64).reshape(4, 3)))
+    )
     for bits in (1024, 2048):
         objects.append((f"enc_{bits}", ciphers[bits].get_tensor_encryptor().encrypt_tensor(ok[:4, :3].clone())))
     objects += [

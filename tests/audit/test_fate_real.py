@@ -45,6 +45,8 @@ K_EXPECTED: dict[str, str | None] = {
     "pk_128": "key.size",
     "pk_2025": "key.size",
     "enc_1024": None,
+    "pk_ou_1024": None,
+    "enc_ou_1024": None,
     "enc_2048": None,
     "plain_ok": None,
     "plain_range": "tensor.range",
@@ -162,6 +164,8 @@ def test_keys_and_encrypted_tensors_are_found(fate_payloads: list[FatePayload]) 
     for bits in (1024, 2048, 128, 2025):
         keys = [e for e in found[f"pk_{bits}"] if isinstance(e, KeyFound)]
         assert [(k.scheme, k.bits) for k in keys] == [("paillier", bits)]
+    assert [(k.scheme, k.bits) for k in found["pk_ou_1024"] if isinstance(k, KeyFound)] == [("ou", 1024)]
+    assert [e.key_bits for e in found["enc_ou_1024"] if isinstance(e, EncryptedTensorFound)] == [(1024,)]
     for bits in (1024, 2048):
         enc = [e for e in found[f"enc_{bits}"] if isinstance(e, EncryptedTensorFound)]
         assert len(enc) == 1 and enc[0].key_bits == (bits,)
