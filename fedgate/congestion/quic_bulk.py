@@ -215,6 +215,8 @@ def _merge_receivers(outs: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": max(float(o.get("seconds", 0.0)) for o in outs),
         "connections": len(outs),
         "per_connection": [o.get("bytes", 0) for o in outs],
+        "cpu_s": round(sum(float(o.get("cpu_s", 0.0)) for o in outs), 3),
+        "cpu_share": max(float(o.get("cpu_share", 0.0)) for o in outs),
     }
     served = [o for o in outs if o.get("streams")]
     errors = [o["error"] for o in served if "error" in o]
@@ -306,7 +308,7 @@ async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]
     finally:
         final = channel.statistics()
         await carrier.aclose()
-    out = at_deadline if at_deadline is not None else _stats_json(final)
+    out = at_deadline if at_deadline is not None else {**_stats_json(final), **_cpu(cpu0, wall0)}
     out["stream_bytes"] = written
     out["final"] = _stats_json(final)
     if error:

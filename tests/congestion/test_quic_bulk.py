@@ -52,6 +52,7 @@ def test_serve_and_send_print_one_json_line_each(connections: int) -> None:
     assert cli["cc"] == "newreno"
     assert cli["packets_sent"] > 0 and cli["packets_lost"] >= 0
     assert cli["bytes_sent"] > 0
+    assert srv["cpu_share"] > 0 and cli["cpu_share"] > 0
     # the receiver counted no more than the sender handed to QUIC
     assert srv["bytes"] <= cli["stream_bytes"]
     if connections > 1:
