@@ -57,6 +57,8 @@ log = logging.getLogger("fedgate.compute")
 
 K_SERVICE = "fedgate.compute.HeOffload"
 K_HEADROOM = 1 << 20  # bytes of slack on top of the largest batch in a message
+K_MAX_FRAME = (1 << 24) - 1  # bytes, the HTTP/2 maximum frame size
+K_LOOKAHEAD = 64 << 20  # bytes a stream may buffer ahead
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -65,7 +67,13 @@ def server_options(config: ComputeConfig, *, key_bits: int = 4096) -> list[tuple
     """gRPC options that let a ``max_batch`` of ciphertexts through (both sides must use them)."""
     size = config.max_batch * 2 * (key_bits // 8) * 2 + K_HEADROOM
     size = min(size, 2**31 - 1)
-    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        # batches are megabytes: big HTTP/2 frames and a deep stream window cut the per-call overhead
+        ("grpc.http2.max_frame_size", K_MAX_FRAME),
+        ("grpc.http2.lookahead_bytes", K_LOOKAHEAD),
+    ]
 
 
 def _field(req: dict[str, Any], name: str, kind: type) -> Any:
