@@ -169,6 +169,27 @@ def _all_core_cases(inp: _Inputs, sk: SecretKey, workers: int, backends: list[Cp
     ]
 
 
+def _gpu_cases(inp: _Inputs, sk: SecretKey) -> list[Case]:
+    try:
+        from fedgate.compute import gpu
+    except ImportError as exc:
+        print(f"gpu backend: not importable here ({exc})")
+        return []
+    if not gpu.device_available():
+        print("gpu backend: no CUDA device visible to CuPy")
+        return []
+    pk = inp.pk
+    dev = gpu.GpuBackend(ComputeConfig(), gpu.CupyDevice(0))
+    dev.decrypt(sk, dev.encrypt(pk, inp.plain(256)))  # compile kernels, upload key tables
+    label = f"fedgate gpu ({dev.statistics().device})"
+    return [
+        Case("encrypt", label, inp.plain, lambda d: dev.encrypt(pk, d), 4096),
+        Case("decrypt", label, inp.cts, lambda d: dev.decrypt(sk, d), 4096),
+        Case("add", label, lambda k: (inp.cts(k), inp.cts(k)), lambda d: dev.add(pk, *d), 4096),
+        Case("mul 64-bit", label, lambda k: (inp.cts(k), inp.scalars(k)), lambda d: dev.mul_scalar(pk, *d), 4096),
+    ]
+
+
 def _phe_cases(inp: _Inputs, sk: SecretKey) -> list[Case]:
     try:
         from phe import paillier
@@ -294,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 inp = _Inputs(pk, CpuBackend(ComputeConfig(workers=1)))
                 cases = _fate_cases(inp, sk) + _phe_cases(inp, sk) + _fedgate_cases(inp, sk, backends)
                 _print_rows(bits, _measure(cases, seconds=args.seconds, rounds=args.rounds))
-            if args.workers > 1:
-                print(f"[{bits}-bit] all cores")
-                cases = _all_core_cases(inp, sk, args.workers, backends)
+            cases = _all_core_cases(inp, sk, args.workers, backends) if args.workers > 1 else []
+            cases += _gpu_cases(inp, sk)
+            if cases:
+                print(f"[{bits}-bit] all cores and devices")
                 _print_rows(bits, _measure(cases, seconds=args.seconds, rounds=args.rounds))
         finally:
             for backend in backends:
