@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
+import uvloop
 
 from fedgate.congestion.config import QuicConfig
 from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity
@@ -24,11 +25,14 @@ pytestmark = pytest.mark.timeout(60)
 LOCAL = "127.0.0.1"
 
 
-def run(coro: Awaitable[None]) -> None:
+def run(coro: Awaitable[None], *, loop: str = "asyncio") -> None:
     async def wrapper() -> None:
         await asyncio.wait_for(coro, 45)
 
-    asyncio.run(wrapper())
+    if loop == "uvloop":
+        uvloop.run(wrapper())
+    else:
+        asyncio.run(wrapper())
 
 
 def _ctx() -> ssl.SSLContext:
@@ -50,7 +54,8 @@ def test_is_a_carrier() -> None:
     assert carrier.name == "quic"
 
 
-def test_bytes_arrive_intact_and_in_order() -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bytes_arrive_intact_and_in_order(loop: str) -> None:
     rng = random.Random(4)
     blob = rng.randbytes(6 * 1024 * 1024)
 
@@ -86,7 +91,7 @@ def test_bytes_arrive_intact_and_in_order() -> None:
             await client_carrier.aclose()
             await server.aclose()
 
-    run(scenario())
+    run(scenario(), loop=loop)
 
 
 def test_channels_to_one_peer_share_one_connection() -> None:
