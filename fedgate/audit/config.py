@@ -55,5 +55,7 @@ class AuditConfig:
     """Records waiting for the ledger writer; beyond it appends wait (or fail when non-blocking)."""
     ledger_batch: int = field(default=512, metadata=bounds(ge=1))
     """Most records written in one SQLite transaction."""
+    ledger_commit_interval_s: float = field(default=0.05, metadata=bounds(ge=0, le=10))
+    """Seconds the ledger writer waits after a record for more to share its transaction."""
     ledger_synchronous: Literal["full", "normal"] = "normal"
     """SQLite ``synchronous`` level of the ledger; ``full`` survives power loss."""

@@ -4,7 +4,9 @@ Rules of this module:
 
 1. Callers on the event loop never touch SQLite: :meth:`LedgerWriter.record` queues the record
    (hashing small payloads at once, large ones later on the writer thread); :meth:`run` drains the
-   queue in batches of up to ``batch`` records and hands each batch to a dedicated thread, which
+   queue in batches of up to ``batch`` records (waiting ``commit_interval_s`` after the first one
+   for more: one transaction per message would cost more than the audit) and hands each batch to a
+   dedicated thread, which
    hashes, chains (pure core), signs when due and writes it in one transaction. The chain head
    advances only when the transaction committed.
 2. Backpressure is explicit: the queue holds ``queue_size`` records; :meth:`append` waits for room,
@@ -62,13 +64,16 @@ class LedgerWriter:
         checkpoint_interval_s: float = 60.0,
         queue_size: int = 65536,
         batch: int = 512,
+        commit_interval_s: float = 0.05,
     ) -> None:
         self._store = store
         self._key = key
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._batch = batch
+        self._commit_interval = commit_interval_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
+        self._taken: list[_Item] = []  # taken from the queue, not yet handed to the writer thread
         self._unhashed = 0  # payload bytes queued for hashing on the writer thread
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fedgate-ledger")
         self._chain: HashChain | None = None
@@ -89,6 +94,7 @@ class LedgerWriter:
             checkpoint_interval_s=config.checkpoint_interval_s,
             queue_size=config.ledger_queue,
             batch=config.ledger_batch,
+            commit_interval_s=config.ledger_commit_interval_s,
         )
 
     def record(self, envelope: Envelope, direction: str, verdict: str, rule: str, *, now: float) -> None:
@@ -132,15 +138,24 @@ class LedgerWriter:
             except TimeoutError:
                 await self._write([], force_checkpoint=True)
                 continue
-            batch = [first]
-            while len(batch) < self._batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            self._taken.append(first)
+            count = 1
             try:
+                if self._commit_interval and self._queue.qsize() < self._batch - 1:
+                    await asyncio.sleep(self._commit_interval)  # gather more records into one transaction
+                while count < self._batch and not self._queue.empty():
+                    self._taken.append(self._queue.get_nowait())
+                    count += 1
                 due = time.monotonic() - self._last_checkpoint >= self._interval
-                await self._write(batch, force_checkpoint=due)
+                await self._write(self._take(), force_checkpoint=due)
             finally:
-                for _ in batch:
+                for _ in range(count):
                     self._queue.task_done()
+
+    def _take(self) -> list[_Item]:
+        """Hand the taken records over (to the writer thread); aclose() writes any left behind."""
+        items, self._taken = self._taken, []
+        return items
 
     async def _load_head(self) -> None:
         if self._chain is None:
@@ -177,7 +192,7 @@ class LedgerWriter:
     async def aclose(self) -> None:
         """Write what is queued, sign the head and close the file (after cancelling :meth:`run`)."""
         await self._load_head()
-        rest: list[_Item] = []
+        rest = self._take()
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
             self._queue.task_done()

@@ -221,6 +221,27 @@ def test_a_failed_write_does_not_break_the_chain(tmp_path: pathlib.Path) -> None
     store.close()
 
 
+def test_records_gathered_for_a_commit_survive_a_cancel(tmp_path: pathlib.Path) -> None:
+    key = Ed25519PrivateKey.generate()
+
+    async def scenario() -> None:
+        writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), key, commit_interval_s=60.0)
+        task = asyncio.create_task(writer.run())
+        writer.record(envelope(1), "out", "accept", "", now=1.0)
+        await asyncio.sleep(0.05)  # the writer has taken record 1 and waits for more
+        writer.record(envelope(2), "out", "accept", "", now=2.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    assert [e.record.message_id for e in store.entries()] == ["m1", "m2"]
+    store.close()
+    assert verify(tmp_path / "l.db", key)[0]
+
+
 def test_writer_queue_full_is_store_full(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), Ed25519PrivateKey.generate(), queue_size=2)
