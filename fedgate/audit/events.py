@@ -87,6 +87,7 @@ class TensorFound:
     shape: tuple[int, ...]
     nbytes: int
     nan: int
+    """NaN values: also the null (missing) count, as FATE and pandas encode a missing value as NaN."""
     posinf: int
     neginf: int
     min: float | None
@@ -99,11 +100,6 @@ class TensorFound:
     def empty(self) -> bool:
         """True when the tensor holds no values at all (a zero in its shape)."""
         return any(d == 0 for d in self.shape)
-
-    @property
-    def null(self) -> int:
-        """Missing values: FATE and pandas encode a missing feature value as NaN."""
-        return self.nan
 
 
 @dataclass(frozen=True, slots=True)
