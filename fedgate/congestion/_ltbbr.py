@@ -226,10 +226,6 @@ class LtBbr(CongestionController):
         for packet in packets:
             self._win_lost += packet.size
             self._win_packets += 1
-        # STARTUP doubles its rate every round: waiting for the round to end before judging a burst
-        # of losses would let it overflow the queue for one more round.
-        if self.state is LtBbrState.STARTUP and self._win_packets >= K_MIN_WINDOW_PACKETS:
-            self._judge_window(now)
 
     def _on_persistent_congestion(self, *, now: float) -> None:
         # The path went away for several PTOs: what we knew about its bandwidth is stale. Restart
