@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 __all__ = [
-    "K_PARTY_URI_PREFIX", "client_context", "issue_party", "load_or_create_ca", "main", "party_from_certificate",
-    "party_from_peercert", "party_uri", "server_context",
+    "K_PARTY_URI_PREFIX", "client_context", "issue_parties", "issue_party", "load_or_create_ca", "main",
+    "party_files", "party_from_certificate", "party_from_peercert", "party_uri", "server_context",
 ]
 
 K_PARTY_URI_PREFIX = "fedgate:party:"
@@ -167,6 +167,21 @@ def issue_party(
     return cert_path, key_path
 
 
+def issue_parties(
+    directory: pathlib.Path, parties: Sequence[str], *, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = K_DEFAULT_DAYS,
+) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Create (or reuse) the CA in ``directory`` and issue a certificate for each party."""
+    ca = load_or_create_ca(directory, days=days)
+    return [issue_party(directory, party, ca=ca, hosts=hosts, days=days) for party in parties]
+
+
+def party_files(directory: pathlib.Path, party: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """``(ca.pem, party-<id>.pem, party-<id>.key)`` in a directory made by :func:`issue_parties`,
+    in the argument order of :func:`client_context` and :func:`server_context`."""
+    return directory / "ca.pem", directory / f"party-{party}.pem", directory / f"party-{party}.key"
+
+
 def main(argv: Sequence[str]) -> int:
     """``fedgate certs``: create a CA (if missing) and certificates for the parties named."""
     parser = argparse.ArgumentParser(
@@ -181,11 +196,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--days", type=int, default=K_DEFAULT_DAYS, help="validity in days")
     args = parser.parse_args(list(argv))
     try:
-        ca = load_or_create_ca(args.dir, days=args.days)
+        issued = issue_parties(args.dir, args.parties, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days)
         print(f"CA          {args.dir / 'ca.pem'}")
-        for party in args.parties:
-            cert, key = issue_party(args.dir, party, ca=ca, hosts=args.host or ("localhost", "127.0.0.1"),
-                                    days=args.days)
+        for party, (cert, key) in zip(args.parties, issued, strict=True):
             print(f"party {party:<6} {cert}  {key}")
     except (OSError, ValueError) as exc:
         print(f"fedgate certs: {exc}", file=sys.stderr)

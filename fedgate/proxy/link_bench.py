@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from fedgate.config import StoreConfig
-from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.certs import client_context, issue_parties, party_files, server_context
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_listener import LinkListener
@@ -65,12 +65,8 @@ class _CountingInbox:
 
 
 def _contexts(directory: pathlib.Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = load_or_create_ca(directory)
-    for party in ("1", "2"):
-        issue_party(directory, party, ca=ca)
-    server = server_context(directory / "ca.pem", directory / "party-2.pem", directory / "party-2.key")
-    client = client_context(directory / "ca.pem", directory / "party-1.pem", directory / "party-1.key")
-    return server, client
+    issue_parties(directory, ["1", "2"])
+    return server_context(*party_files(directory, "2")), client_context(*party_files(directory, "1"))
 
 
 async def raw_tls(total: int, server_ctx: ssl.SSLContext | None, client_ctx: ssl.SSLContext | None) -> float:

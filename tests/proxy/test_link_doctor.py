@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.certs import client_context, issue_parties, party_files, server_context
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_doctor import diagnose, format_steps, main
 from fedgate.proxy.link_listener import LinkListener
@@ -20,9 +20,7 @@ from fedgate.proxy.testing import MemoryInbox, MemoryOutbox
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("certs")
-    ca = load_or_create_ca(d)
-    for party in ("1", "2"):
-        issue_party(d, party, ca=ca)
+    issue_parties(d, ["1", "2"])
     return d
 
 
@@ -30,9 +28,9 @@ def test_all_steps_pass_and_the_probe_leaves_the_live_link_alone(certs: pathlib.
     async def main_() -> None:
         carrier = TcpCarrier()
         listener = LinkListener(params=LinkParams("2"), inbox=MemoryInbox(), allow=lambda p: p == "1")
-        server = await carrier.listen("127.0.0.1", 0, tls=server_context(
-            certs / "ca.pem", certs / "party-2.pem", certs / "party-2.key"), handler=listener.handle)
-        client_tls = client_context(certs / "ca.pem", certs / "party-1.pem", certs / "party-1.key")
+        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "2")),
+                                      handler=listener.handle)
+        client_tls = client_context(*party_files(certs, "1"))
         sender = LinkSender(peer="2", params=LinkParams("1"), outbox=MemoryOutbox(), dial=carrier_dial(
             carrier.connect, "127.0.0.1", server.port, tls=client_tls, server_hostname=None, timeout=5.0))
         task = asyncio.create_task(sender.run())
@@ -58,10 +56,10 @@ def test_all_steps_pass_and_the_probe_leaves_the_live_link_alone(certs: pathlib.
 def test_wrong_party_stops_at_identity(certs: pathlib.Path) -> None:
     async def main_() -> None:
         listener = LinkListener(params=LinkParams("2"), inbox=MemoryInbox(), allow=lambda p: True)
-        server = await TcpCarrier().listen("127.0.0.1", 0, tls=server_context(
-            certs / "ca.pem", certs / "party-2.pem", certs / "party-2.key"), handler=listener.handle)
+        server = await TcpCarrier().listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "2")),
+                                           handler=listener.handle)
         steps = await diagnose(host="127.0.0.1", port=server.port, party="3", local_party="1",
-                               tls=client_context(certs / "ca.pem", certs / "party-1.pem", certs / "party-1.key"))
+                               tls=client_context(*party_files(certs, "1")))
         assert steps[-1].name == "identity" and not steps[-1].ok
         assert "certificate says party '2', but the route says '3'" in steps[-1].detail
         await server.aclose()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedgate.proxy.certs import issue_party, load_or_create_ca
+from fedgate.proxy.certs import issue_parties
 from tests.proxy.test_link_sqlite import BIG, MESSAGES, SMALL, Child, dump
 
 K_MIB = 1024 * 1024
@@ -58,9 +58,7 @@ def test_veth_down_longer_than_keepalive_then_up_resumes_exactly_once(
 ) -> None:
     ns_a, ns_b, veth_a = netns
     certs = tmp_path / "certs"
-    ca = load_or_create_ca(certs)
-    for party in ("9999", "10000"):
-        issue_party(certs, party, ca=ca)
+    issue_parties(certs, ["9999", "10000"])
     rx_db, tx_db = tmp_path / "rx.db", tmp_path / "tx.db"
     port = 9371
     receiver = Child("receiver", rx_db, port, certs, [], host="10.231.7.2", prefix=["ip", "netns", "exec", ns_b])

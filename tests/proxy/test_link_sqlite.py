@@ -24,7 +24,7 @@ import pytest
 
 import fedgate
 from fedgate.config import StoreConfig
-from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.certs import client_context, issue_parties, party_files, server_context
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_listener import LinkListener
@@ -42,9 +42,7 @@ SMALL = 20
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("certs")
-    ca = load_or_create_ca(d)
-    for party in (SENDER, RECEIVER):
-        issue_party(d, party, ca=ca)
+    issue_parties(d, [SENDER, RECEIVER])
     return d
 
 
@@ -68,13 +66,11 @@ def test_quota_full_receiver_holds_back_then_delivers_everything(certs: pathlib.
         listener = LinkListener(params=LinkParams(RECEIVER, chunk_bytes=64 * 1024, window_bytes=512 * 1024),
                                 inbox=rx, allow=lambda p: p == SENDER, retry_max_s=0.05)
         server = await carrier.listen(
-            "127.0.0.1", 0, tls=server_context(certs / "ca.pem", certs / f"party-{RECEIVER}.pem",
-                                               certs / f"party-{RECEIVER}.key"), handler=listener.handle)
+            "127.0.0.1", 0, tls=server_context(*party_files(certs, RECEIVER)), handler=listener.handle)
         sender = LinkSender(
             peer=RECEIVER, params=LinkParams(SENDER, chunk_bytes=64 * 1024), outbox=outbox_of(tx),
             dial=carrier_dial(carrier.connect, "127.0.0.1", server.port, server_hostname=None, timeout=5.0,
-                              tls=client_context(certs / "ca.pem", certs / f"party-{SENDER}.pem",
-                                                 certs / f"party-{SENDER}.key")))
+                              tls=client_context(*party_files(certs, SENDER))))
         ids = [f"q{i:03d}" for i in range(40)]
         for mid in ids:  # 40 x 100 KiB = 4 MiB against a 1 MiB quota
             await tx.outbox_put(RECEIVER, Envelope(message_id=mid, session_id="s", topic="t", src_party=SENDER,

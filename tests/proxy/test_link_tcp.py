@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fedgate.proxy.carrier import ByteChannel
-from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.certs import client_context, issue_parties, party_files, server_context
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_events import Rejection
@@ -31,15 +31,12 @@ SENDER, RECEIVER = "9999", "10000"
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("certs")
-    ca = load_or_create_ca(d)
-    for party in (SENDER, RECEIVER, "7777"):
-        issue_party(d, party, ca=ca)
+    issue_parties(d, [SENDER, RECEIVER, "7777"])
     return d
 
 
 def ctx(certs: pathlib.Path, party: str, *, server: bool) -> ssl.SSLContext:
-    make = server_context if server else client_context
-    return make(certs / "ca.pem", certs / f"party-{party}.pem", certs / f"party-{party}.key")
+    return (server_context if server else client_context)(*party_files(certs, party))
 
 
 def message(i: int, size: int, topic: str = "t") -> Envelope:

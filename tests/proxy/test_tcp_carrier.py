@@ -17,16 +17,15 @@ from cryptography.x509.oid import NameOID
 from fedgate.errors import PeerUnavailableError, UnknownPluginError
 from fedgate.proxy.carrier import ByteChannel
 from fedgate.proxy.carriers import carrier_names, check_carrier_name, load_carrier
-from fedgate.proxy.certs import client_context, issue_party, load_or_create_ca, server_context
+from fedgate.proxy.certs import client_context, issue_parties, load_or_create_ca, party_files, server_context
 from fedgate.proxy.tcp_carrier import TcpCarrier
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     d = tmp_path_factory.mktemp("certs")
+    issue_parties(d, ["1", "2"])
     ca = load_or_create_ca(d)
-    for party in ("1", "2"):
-        issue_party(d, party, ca=ca)
     # A certificate from the right CA that names no party (CN only).
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
@@ -40,12 +39,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     # A second CA and a party certificate it signed.
     other = d / "other"
-    issue_party(other, "1", ca=load_or_create_ca(other))
+    issue_parties(other, ["1"])
     return d
-
-
-def files(d: pathlib.Path, party: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    return d / "ca.pem", d / f"party-{party}.pem", d / f"party-{party}.key"
 
 
 async def echo_once(channel: ByteChannel, seen: list[str | None]) -> None:
@@ -75,9 +70,9 @@ def test_mtls_both_ends_learn_the_party(certs: pathlib.Path) -> None:
     async def main() -> None:
         seen: list[str | None] = []
         carrier = TcpCarrier()
-        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*files(certs, "2")),
+        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "2")),
                                       handler=lambda ch: echo_once(ch, seen))
-        channel = await carrier.connect("127.0.0.1", server.port, tls=client_context(*files(certs, "1")),
+        channel = await carrier.connect("127.0.0.1", server.port, tls=client_context(*party_files(certs, "1")),
                                         server_hostname="localhost", timeout=5)
         assert channel.peer_party == "2"
         await channel.send(b"x" * 100_000)
@@ -99,18 +94,18 @@ def test_certificate_without_party_is_refused_with_a_log_line(
     async def main() -> None:
         seen: list[str | None] = []
         carrier = TcpCarrier()
-        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*files(certs, "2")),
+        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "2")),
                                       handler=lambda ch: echo_once(ch, seen))
-        channel = await carrier.connect("127.0.0.1", server.port, tls=client_context(*files(certs, "anon")),
+        channel = await carrier.connect("127.0.0.1", server.port, tls=client_context(*party_files(certs, "anon")),
                                         server_hostname=None, timeout=5)
         assert await channel.receive() == b""  # the server dropped us
         assert seen == []
         await channel.aclose()
         # And the other way round: a server without a party is refused by the client.
-        anon = await carrier.listen("127.0.0.1", 0, tls=server_context(*files(certs, "anon")),
+        anon = await carrier.listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "anon")),
                                     handler=lambda ch: echo_once(ch, seen))
         with pytest.raises(PeerUnavailableError, match="names no party"):
-            await carrier.connect("127.0.0.1", anon.port, tls=client_context(*files(certs, "1")),
+            await carrier.connect("127.0.0.1", anon.port, tls=client_context(*party_files(certs, "1")),
                                   server_hostname=None, timeout=5)
         await server.aclose()
         await anon.aclose()
@@ -124,7 +119,7 @@ def test_certificate_from_another_ca_never_reaches_the_handler(certs: pathlib.Pa
     async def main() -> None:
         seen: list[str | None] = []
         carrier = TcpCarrier()
-        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*files(certs, "2")),
+        server = await carrier.listen("127.0.0.1", 0, tls=server_context(*party_files(certs, "2")),
                                       handler=lambda ch: echo_once(ch, seen))
         other = certs / "other"
         client_tls = client_context(certs / "ca.pem", other / "party-1.pem", other / "party-1.key")
