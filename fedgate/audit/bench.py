@@ -4,7 +4,9 @@ The baseline is what every proxy hop does with a message anyway: parse the OSX `
 and hash the payload (SHA-256, the ledger's digest). The audited path is ``AuditChain.inspect``
 (all filters) plus the ledger record. Messages are FATE-shaped: an inline pickle carrying a float64
 tensor through FATE's safetensors persistent id, of about 1 KiB and 1 MiB; plus a 2048-bit Paillier
-key object (a forged-by-hand ``fate_utils.paillier.PK``, the same opcodes as the real one).
+key object (a forged-by-hand ``fate_utils.paillier.PK``, the same opcodes as the real one); the
+payloads ``fedgate bench proxy`` pushes (a pickle of random bytes); and, last, the ledger's cost per
+record (hash, queue, batched SQLite write) through a real :class:`LedgerWriter` in a temporary file.
 
 Rules: an adapter (it reads the clock); prints one JSON line per case; figures are process CPU time
 per call, best of interleaved rounds, and only comparable within one run.
@@ -13,13 +15,17 @@ per call, best of interleaved rounds, and only comparable within one run.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import copyreg
 import hashlib
 import io
 import json
+import os
 import pickle
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -160,6 +166,9 @@ def main(argv: Sequence[str]) -> int:
         "tensor_1KiB": _envelope("tensor_1KiB", fate_tensor_object(16, 8)),
         "tensor_1MiB": _envelope("tensor_1MiB", fate_tensor_object(32768, 4)),
         "paillier_key_2048": _envelope("pk", b"\x00" + fate_key_pickle(2048)),
+        # what `fedgate bench proxy` pushes: a pickle of random bytes, no tensor statistics
+        "pickled_bytes_1KiB": _envelope("b", b"\x00" + pickle.dumps(os.urandom(960), protocol=4)),
+        "pickled_bytes_1MiB": _envelope("b", b"\x00" + pickle.dumps(os.urandom((1 << 20) - 64), protocol=4)),
     }
     for name, env in cases.items():
         result = chain.inspect(env, "out", now=0.0)
@@ -187,7 +196,40 @@ def main(argv: Sequence[str]) -> int:
                 }
             )
         )
+    for size in (1024, 1 << 20):
+        print(json.dumps({"case": f"ledger_record_{size}B", "per_record_us": round(_ledger_cost(size) * 1e6, 2)}))
     return 0
+
+
+def _ledger_cost(size: int) -> float:
+    """CPU seconds per ledger record (hash, queue, batched SQLite write) through a real LedgerWriter."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedgate.audit.ledger_store import LedgerStore
+    from fedgate.audit.ledger_writer import LedgerWriter
+
+    count = 20_000 if size <= 4096 else 300
+    env = _envelope("ledger", b"\x00" + bytes(size))
+
+    async def run(path: str) -> float:
+        writer = LedgerWriter(LedgerStore(path), Ed25519PrivateKey.generate(), commit_interval_s=0.01)
+        task = asyncio.create_task(writer.run())
+        await asyncio.sleep(0.05)
+        start = time.process_time()
+        for i in range(count):
+            writer.record(env, "out", "accept", "", now=float(i))
+            if i % 256 == 0:
+                await asyncio.sleep(0)
+        await writer.flush()
+        spent = time.process_time() - start
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await writer.aclose()
+        return spent / count
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(run(f"{tmp}/ledger.db"))
 
 
 if __name__ == "__main__":
