@@ -57,6 +57,8 @@ __all__ = [
     "policy_from_data",
 ]
 
+K_DEFAULT_KEY_BITS = (1024, 2048, 3072, 4096)  # bits: FATE's minimum (1024) and the usual sizes above it
+
 # FATE 2.2's own receive-side allow list outside ``fate.``/``fate_utils.`` (TableRemotePersistentUnpickler).
 K_FATE_SAFE_GLOBALS: tuple[str, ...] = (
     "torch.device",
@@ -126,7 +128,7 @@ class MessageRule:
     """Receiving party ids; empty: any."""
     messages: tuple[str, ...] = ("*",)
     """FATE object-name globs (table suffixes removed)."""
-    key_bits: tuple[int, ...] = ()
+    key_bits: tuple[int, ...] = K_DEFAULT_KEY_BITS
     """Allowed HE public-key modulus sizes in bits; empty: any decodable size."""
     features: tuple[FeatureRange, ...] = ()
     """Allowed value ranges of plain tensor features."""

@@ -144,3 +144,9 @@ def test_from_config_reads_the_policy_file(tmp_path: pathlib.Path) -> None:
     chain = AuditChain.from_config(AuditConfig(policy_file=file))
     assert chain.policy.default.key_bits == (4096,)
     assert chain.filter_names == ("size", "rate", "control", "pickle", "keys", "tensors")
+
+
+def test_default_policy_rejects_odd_and_small_keys() -> None:
+    chain = AuditChain(AuditConfig(), AuditPolicy())
+    for bits, want in [(1024, None), (2048, None), (4096, None), (128, "key.size"), (2025, "key.size")]:
+        assert rule_of(chain, osx_envelope(f"pk{bits}", fate_inline(forged_pk_pickle(bits)))) == want, bits
