@@ -215,11 +215,19 @@ class Gateway:
         log.info("gateway stopped")
 
     def _audit_config(self) -> AuditConfig:
-        """The audit section, with the ledger files next to the store unless set explicitly."""
+        """The audit section, with the ledger files next to the store unless set explicitly.
+
+        ``var/fedgate.db`` gets ``var/ledger.db`` and ``var/ledger-signing.key`` (what ``fedgate audit``
+        looks for by default); another store name ``x.db`` gets ``x-ledger.db`` and ``x-ledger-signing.key``,
+        so gateways that keep their stores in one directory do not share a ledger.
+        """
         audit, default = self.config.audit, AuditConfig()
-        home = self.config.store.path.parent
-        ledger_path = home / "ledger.db" if audit.ledger_path == default.ledger_path else audit.ledger_path
-        signing_key = home / "ledger-signing.key" if audit.signing_key == default.signing_key else audit.signing_key
+        store = self.config.store.path
+        prefix = "" if store.stem == "fedgate" else f"{store.stem}-"
+        ledger_path = (store.with_name(f"{prefix}ledger.db") if audit.ledger_path == default.ledger_path
+                       else audit.ledger_path)
+        signing_key = (store.with_name(f"{prefix}ledger-signing.key") if audit.signing_key == default.signing_key
+                       else audit.signing_key)
         return dataclasses.replace(audit, ledger_path=ledger_path, signing_key=signing_key)
 
     def _front(

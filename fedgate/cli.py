@@ -12,6 +12,8 @@ import importlib
 import json
 import logging
 import pathlib
+import pickle
+import pickletools
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -93,13 +95,39 @@ def _cmd_config(args: argparse.Namespace) -> int:
 # -- send / recv ----------------------------------------------------------------------------------
 
 
+def wrap_bytes(data: bytes) -> bytes:
+    """FATE object bytes holding ``data``: the inline mode byte and a protocol-4 pickle of a bytes value."""
+    return b"\x00" + pickle.dumps(data, protocol=4)
+
+
+def unwrap_bytes(body: bytes) -> bytes:
+    """The inverse of :func:`wrap_bytes`, without unpickling: the opcodes are read, never run.
+
+    Anything but exactly "one bytes value" is handed out unchanged.
+    """
+    if not body.startswith(b"\x00"):
+        return body
+    try:
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(body[1:])]
+    except ValueError:
+        return body
+    names = [name for name, _ in ops if name not in ("PROTO", "FRAME", "MEMOIZE")]
+    if len(names) == 2 and names[1] == "STOP" and names[0] in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8"):
+        value = next(arg for name, arg in ops if name == names[0])
+        if isinstance(value, bytes):
+            return value
+    return body
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from fedgate.proxy.osx_client import OsxQueueClient
     from fedgate.proxy.protos import osx_pb2
 
     data = sys.stdin.buffer.read() if args.file == "-" else pathlib.Path(args.file).read_bytes()
-    head = json.dumps({"source": "fedgate send", "name": pathlib.Path(args.file).name}).encode()
-    message = osx_pb2.Message(msgId=uuid.uuid4().hex, head=head, body=data)
+    # Shaped like a FATE object, so the audit chain judges it as it would a worker's push.
+    head = json.dumps({"message_id": pathlib.Path(args.file).name, "correlation_id": "fedgate-send",
+                       "app_id": args.to, "content_type": "text/plain"}).encode()
+    message = osx_pb2.Message(msgId=uuid.uuid4().hex, head=head, body=wrap_bytes(data))
 
     async def send() -> int:
         client = OsxQueueClient(args.gateway, party=args.source)
@@ -132,7 +160,7 @@ def _cmd_recv(args: argparse.Namespace) -> int:
         try:
             message = osx_pb2.Message.FromString(payload)
             if message.msgId:
-                body = message.body
+                body = unwrap_bytes(message.body)
         except Exception:  # not an OSX Message: hand the raw payload out
             pass
         if args.out == "-":
