@@ -536,6 +536,53 @@ class SqliteStore:
         fresh: bool = await self._stored(key, envelope, op)
         return fresh
 
+    async def deliver_many(self, envelopes: list[Envelope]) -> list[bool]:
+        """:meth:`deliver` for each, in order, in one transaction: all stored or none.
+
+        Returns, per envelope, True if stored now and False for a duplicate.
+        """
+        for envelope in envelopes:
+            self._admit(envelope.size)
+        if sum(e.size for e in envelopes) + self._bytes > self._config.max_bytes:
+            raise StoreFullError(f"store quota reached: {self._bytes} of {self._config.max_bytes} bytes queued "
+                                 f"(store.max_bytes)")
+        rows = [(e, _encode_header(e)) for e in envelopes]
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> list[bool]:
+            fresh = []
+            for envelope, header in rows:
+                cur = conn.execute("INSERT OR IGNORE INTO seen (message_id, at) VALUES (?, ?)",
+                                   (envelope.message_id, now))
+                if cur.rowcount == 0:
+                    fresh.append(False)
+                    continue
+                conn.execute(
+                    "INSERT INTO queue (session, topic, header, payload) VALUES (?, ?, ?, ?)",
+                    (envelope.session_id, envelope.topic, header, envelope.payload),
+                )
+                conn.execute("DELETE FROM partial WHERE message_id = ?", (envelope.message_id,))
+                fresh.append(True)
+            return fresh
+
+        keys = [(e.session_id, e.topic) for e in envelopes]
+        for key in keys:
+            self._depth[key] += 1  # before the write: later puts must queue behind these
+        try:
+            fresh: list[bool] = await self._run(op)
+        except BaseException:
+            for key in keys:
+                self._undepth(key)
+            raise
+        for envelope, key, stored in zip(envelopes, keys, fresh):
+            if stored:
+                self._bytes += envelope.size
+                self._queued += 1
+                self._wake(key)
+            else:
+                self._undepth(key)
+        return fresh
+
     async def seen(self, message_id: str) -> bool:
         """Whether ``message_id`` was already delivered here."""
 
@@ -690,6 +737,9 @@ class _OutboxView:
 
     async def ack(self, peer: str, message_ids: list[str]) -> None:
         await self._store.ack(peer, message_ids)
+
+    async def outbox_depth(self, peer: str) -> tuple[int, float | None]:
+        return await self._store.outbox_depth(peer)
 
 
 def outbox_of(store: SqliteStore) -> _OutboxView:

@@ -242,3 +242,20 @@ def test_handoff_to_a_parked_pop_keeps_order_and_survives_cancellation(tmp_path:
         await store.aclose()
 
     asyncio.run(main())
+
+
+def test_deliver_many_is_one_all_or_nothing_write_with_dedup(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path, max_bytes=1024 * 1024)
+        batch = [env("t", b"%d" % i) for i in range(5)]
+        assert await store.deliver_many(batch[:3]) == [True, True, True]
+        assert await store.deliver_many(batch) == [False, False, False, True, True]
+        with pytest.raises(StoreFullError):
+            await store.deliver_many([env("t", b"x" * 600_000), env("t", b"y" * 600_000)])
+        got = []
+        while (e := await store.pop_nowait("s", "t")) is not None:
+            got.append(e.payload)
+        assert got == [b"0", b"1", b"2", b"3", b"4"]  # in order, once each, nothing of the refused batch
+        await store.aclose()
+
+    asyncio.run(main())
