@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 CONFIG  ?= conf/fedgate.toml
 
-.PHONY: run test lint typecheck pytest protos interop-venv bench-wan bench-proxy bench-he bench-link gpu-check clean
+.PHONY: run test lint typecheck pytest protos interop-venv bench-wan bench-proxy bench-he bench-link bench-audit bench-rdma gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-link: $(TSTAMP)
 
 bench-he: $(TSTAMP)
 	$(BIN)/fedgate bench he $(ARGS)
+
+bench-audit: $(TSTAMP)
+	$(BIN)/fedgate audit bench $(ARGS)
+
+bench-rdma: $(TSTAMP)
+	$(BIN)/fedgate bench rdma $(ARGS)
 
 gpu-check: $(STAMP)
 	$(BIN)/pip install -q -e '.[gpu]'
