@@ -51,6 +51,9 @@ bench-link: $(TSTAMP)
 bench-he: $(TSTAMP)
 	$(BIN)/fedgate bench he $(ARGS)
 
+bench-cc: $(TSTAMP)
+	$(BIN)/fedgate bench cc $(ARGS)
+
 bench-audit: $(TSTAMP)
 	$(BIN)/fedgate audit bench $(ARGS)
 

@@ -176,7 +176,11 @@ class Gateway:
             server, data_transfer = self._front(dispatcher, store, reloader.router)
             stack.push_async_callback(data_transfer.aclose)
             host, port = parse_hostport(config.front.listen, path="front.listen")
-            bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if config.tls.front:
+                bound = server.add_secure_port(address, self._front_credentials())
+            else:
+                bound = server.add_insecure_port(address)
             if bound == 0:
                 raise ConfigError(f"cannot listen on {config.front.listen}: address in use or not local",
                                   path="front.listen")
@@ -249,6 +253,17 @@ class Gateway:
         proxy_pb2_grpc.add_DataTransferServiceServicer_to_server(data_transfer, server)
         proxy_pb2_grpc.add_RouteServiceServicer_to_server(RouteServicer(router=router, rpc=rpc), server)
         return server, data_transfer
+
+    def _front_credentials(self) -> grpc.ServerCredentials:
+        """TLS for the front: the gateway's certificate; client certificates required when a CA is set."""
+        tls = self.config.tls
+        assert tls.cert_file is not None and tls.key_file is not None
+        try:
+            key, chain = tls.key_file.read_bytes(), tls.cert_file.read_bytes()
+            ca = tls.ca_file.read_bytes() if tls.ca_file else None
+        except OSError as exc:
+            raise ConfigError(f"cannot read the front's TLS files: {exc}", path="tls") from exc
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
     def _metrics_server(self) -> MetricsServer | None:
         if not self.config.metrics.listen:

@@ -37,6 +37,7 @@ K_BENCH: dict[str, tuple[str, str]] = {
     "link": ("fedgate.proxy.link_bench:main", "link throughput vs raw TLS over TCP on loopback"),
     "he": ("fedgate.compute.bench:main", "Paillier kops per op: fedgate backends vs phe and fate_utils"),
     "rdma": ("fedgate.rdma.bench:main", "RDMA message rate and bandwidth vs TCP (real RDMA hosts)"),
+    "cc": ("fedgate.congestion.sim_bench:main", "congestion controllers on the seed rows in a virtual-time simulator"),
 }
 
 

@@ -86,7 +86,7 @@ async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout:
     from fedgate.proxy.carriers import load_carrier
 
     if name == "quic":
-        from fedgate.congestion._quic_tls import QuicIdentity
+        from fedgate.congestion.quic_link import QuicIdentity
 
         carrier = load_carrier("quic", config.quic, identity=QuicIdentity.from_tls_config(tls))
     elif name == "rdma":

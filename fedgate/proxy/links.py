@@ -113,7 +113,7 @@ class LinkManager:
         carrier = self._carriers.get(name)
         if carrier is None:
             if name == "quic":
-                from fedgate.congestion._quic_tls import QuicIdentity
+                from fedgate.congestion.quic_link import QuicIdentity
 
                 carrier = load_carrier(name, self._config.quic,
                                        identity=QuicIdentity.from_tls_config(self._config.tls))

@@ -159,3 +159,40 @@ def test_failover_to_the_second_endpoint(tmp_path: pathlib.Path) -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_osx_hop_over_mutual_tls_and_a_clear_error_when_the_certificate_is_not_trusted(tmp_path: pathlib.Path) -> None:
+    from fedgate.proxy.certs import issue_party, load_or_create_ca
+
+    ca = load_or_create_ca(tmp_path / "ca")
+    other_ca = load_or_create_ca(tmp_path / "other-ca")
+    b_cert, b_key = issue_party(tmp_path / "ca", "10000", ca=ca)
+    a_cert, a_key = issue_party(tmp_path / "ca", "9999", ca=ca)
+    x_cert, x_key = issue_party(tmp_path / "other-ca", "9999", ca=other_ca)
+    b = gateway_data(tmp_path, "10000", {}, tls={"front": True, "ca_file": str(tmp_path / "ca" / "ca.pem"),
+                                                  "cert_file": str(b_cert), "key_file": str(b_key)})
+
+    def sender(name: str, cert: pathlib.Path, key: pathlib.Path) -> dict[str, object]:
+        return gateway_data(tmp_path / name, "9999", {"10000": {"default": [{
+            "ip": "127.0.0.1", "port": front_of(b), "transport": "grpc", "useSSL": True,
+            "caFile": str(tmp_path / "ca" / "ca.pem"), "certChainFile": str(cert), "privateKeyFile": str(key)}]}},
+            front={"forward_timeout_s": 5.0})
+
+    good, bad = sender("good", a_cert, a_key), sender("bad", x_cert, x_key)
+
+    async def main() -> None:
+        async with running(build(b)) as gb, running(build(good)), running(build(bad)):
+            client = OsxQueueClient(f"127.0.0.1:{front_of(good)}", party="9999")
+            await client.push(session=SESSION, topic=TOPIC, target="10000", payload=b"over mTLS")
+            await client.aclose()
+            assert gb.store is not None and gb.store.statistics().queued_messages == 1
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{front_of(bad)}")
+            stub = osx_pb2_grpc.PrivateTransferTransportStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.push(osx_pb2.PushInbound(topic=TOPIC, payload=b"x"), metadata=headers())
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"127.0.0.1:{front_of(b)} (TLS)" in (info.value.details() or "")
+            await channel.close(None)
+            assert gb.store.statistics().queued_messages == 1
+
+    asyncio.run(main())
