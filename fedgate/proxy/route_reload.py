@@ -276,6 +276,9 @@ def main_route(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | 
     show.add_argument("file", type=pathlib.Path)
     show.add_argument("party")
     show.add_argument("role", nargs="?", default="default")
+    show.add_argument("--live", metavar="URL",
+                      help="a running gateway's metrics endpoint (http://127.0.0.1:9372/metrics): add its view of "
+                           "each endpoint's health and of the link to the party")
     args = parser.parse_args(list(argv))
     try:
         table = load_route_table(args.file)
@@ -284,7 +287,47 @@ def main_route(argv: Sequence[str], *, out: TextIO | None = None, err: TextIO | 
         return 1
     if args.command == "check":
         return _check(table, strict=args.strict, out=out, err=err)
-    return _show(table, args.party, args.role, out=out)
+    status = _show(table, args.party, args.role, out=out)
+    if args.command == "show" and args.live and status == 0:
+        return _show_live(table, args.party, args.role, args.live, out=out, err=err)
+    return status
+
+
+def _show_live(table: RouteTable, party: str, role: str, url: str, *, out: TextIO, err: TextIO) -> int:
+    """Health as a running gateway sees it, read from its Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {url}: {exc}", file=err)
+        return 1
+    samples: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.labels.get("endpoint") or sample.labels.get("peer")
+            if key is not None:
+                samples[(sample.name, key)] = sample.value
+    route, _ = table.explain(party, role)
+    assert route is not None
+    print(f"live, from {url}:", file=out)
+    for ep in route.endpoints:
+        healthy = samples.get(("fedgate_route_endpoint_healthy", ep.address))
+        failures = samples.get(("fedgate_route_endpoint_failures_total", ep.address), 0.0)
+        state = "unknown (not used yet)" if healthy is None else ("healthy" if healthy else "FAILING")
+        print(f"    {ep.address}: {state}, {failures:.0f} failure(s)", file=out)
+    connected = samples.get(("fedgate_link_connected", party))
+    outbox = samples.get(("fedgate_link_outbox_messages", party))
+    if connected is not None or outbox is not None:
+        depth = outbox or 0.0
+        age = samples.get(("fedgate_link_outbox_oldest_age_seconds", party), 0.0)
+        rtt = samples.get(("fedgate_link_rtt_seconds", party))
+        print(f"  link to party {party}: {'connected' if connected else 'DOWN'}, outbox {depth:.0f} message(s)"
+              f"{f', oldest {age:.1f} s' if depth else ''}{f', rtt {rtt * 1000:.1f} ms' if rtt else ''}", file=out)
+    return 0
 
 
 def _check(table: RouteTable, *, strict: bool, out: TextIO, err: TextIO) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -77,6 +80,8 @@ def test_messages_cross_the_link_exactly_once_in_order(tmp_path: pathlib.Path, t
 def test_peer_down_for_a_while_then_everything_arrives(tmp_path: pathlib.Path) -> None:
     """The sender's push succeeds while the peer gateway is down; the outbox delivers when it returns."""
     a, b = pair(tmp_path, "tcp", tls=False)
+    metrics = free_port()
+    a["metrics"]["listen"] = f"127.0.0.1:{metrics}"
     gw_b = GatewayProcess(b, tmp_path / "10000")
     with processes(GatewayProcess(a, tmp_path / "9999")):
 
@@ -87,6 +92,12 @@ def test_peer_down_for_a_while_then_everything_arrives(tmp_path: pathlib.Path) -
             await client.aclose()
 
         asyncio.run(push())
+        time.sleep(1.0)  # a few failed connection attempts
+        live = subprocess.run(
+            [sys.executable, "-m", "fedgate", "route", "show", a["routes"]["file"], "10000",
+             "--live", f"http://127.0.0.1:{metrics}/metrics"], capture_output=True, text=True, timeout=60, check=False)
+        assert live.returncode == 0, live.stderr
+        assert "FAILING" in live.stdout and "link to party 10000: DOWN, outbox 20 message(s)" in live.stdout
         with processes(gw_b):
 
             async def pop() -> list[bytes | None]:
