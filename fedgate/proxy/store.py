@@ -141,6 +141,10 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._config.synchronous.upper()}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # Large blobs: read through the page cache by mmap, checkpoint the WAL in larger steps.
+        conn.execute("PRAGMA mmap_size=268435456")
+        conn.execute("PRAGMA wal_autocheckpoint=16384")
+        conn.execute("PRAGMA journal_size_limit=268435456")
         conn.executescript(_SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
