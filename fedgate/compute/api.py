@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.limbs import LimbBuffer
 from fedgate.compute.paillier import PublicKey, SecretKey
-from fedgate.errors import ConfigError, LocalError, UnknownPluginError
+from fedgate.errors import ConfigError, InvalidRequestError, LocalError, UnknownPluginError
 
 __all__ = [
     "K_BACKENDS",
@@ -32,9 +32,23 @@ __all__ = [
     "BackendStats",
     "HeBackend",
     "backend_names",
+    "check_same_count",
+    "check_width",
     "create_backend",
     "resolve_backend_name",
 ]
+
+
+def check_width(buf: LimbBuffer, width: int, what: str) -> None:
+    """A request's buffer must have the key's limb width; every backend checks its inputs with this."""
+    if buf.width != width:
+        raise InvalidRequestError(f"{what} must have {width} limbs per element, got {buf.width}")
+
+
+def check_same_count(a: LimbBuffer, b: LimbBuffer) -> None:
+    """Element-wise operations take two batches of the same size."""
+    if a.count != b.count:
+        raise InvalidRequestError(f"batch sizes differ: {a.count} != {b.count}")
 
 
 @dataclass(frozen=True, slots=True)

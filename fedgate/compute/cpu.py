@@ -35,7 +35,7 @@ import gmpy2
 from gmpy2 import mpz
 
 from fedgate.compute import ifma
-from fedgate.compute.api import BackendStats
+from fedgate.compute.api import BackendStats, check_same_count, check_width
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.djn import DjnTable, RandomnessPool
 from fedgate.compute.ifma import MultiBufferModexp
@@ -220,16 +220,12 @@ class CpuBackend:
                 self._executor = None  # start a fresh pool next time
             raise LocalError(f"HE worker process died: {exc}") from exc
 
-    @staticmethod
-    def _check(buf: LimbBuffer, width: int, what: str) -> None:
-        if buf.width != width:
-            raise InvalidRequestError(f"{what} must have {width} limbs per element, got {buf.width}")
 
     # -- the interface --------------------------------------------------------------------------
     def encrypt(
         self, pk: PublicKey, plaintexts: LimbBuffer, *, sk: SecretKey | None = None, obfuscate: bool = True
     ) -> LimbBuffer:
-        self._check(plaintexts, pk.plain_width, "plaintexts")
+        check_width(plaintexts, pk.plain_width, "plaintexts")
         if sk is not None and sk.public != pk:
             raise InvalidRequestError("secret key does not match the public key")
         ms = from_limbs(plaintexts)
@@ -253,7 +249,7 @@ class CpuBackend:
 
     def decrypt(self, sk: SecretKey, ciphertexts: LimbBuffer) -> LimbBuffer:
         pk = sk.public
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
         self._counts["dec"] += ciphertexts.count
         jobs: list[Job] = [
             ("dec", (sk.p, sk.q), ciphertexts.slice(a, b).data, self._config.cpu_ifma)
@@ -262,19 +258,17 @@ class CpuBackend:
         return LimbBuffer(b"".join(self._map(jobs)), pk.plain_width)
 
     def add(self, pk: PublicKey, a: LimbBuffer, b: LimbBuffer) -> LimbBuffer:
-        self._check(a, pk.cipher_width, "ciphertexts")
-        self._check(b, pk.cipher_width, "ciphertexts")
-        if a.count != b.count:
-            raise InvalidRequestError(f"batch sizes differ: {a.count} != {b.count}")
+        check_width(a, pk.cipher_width, "ciphertexts")
+        check_width(b, pk.cipher_width, "ciphertexts")
+        check_same_count(a, b)
         self._counts["eval"] += a.count
         n2 = mpz(pk.n2)
         return to_limbs((mpz(x) * y % n2 for x, y in zip(from_limbs(a), from_limbs(b))), pk.cipher_width)
 
     def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
-        self._check(scalars, pk.plain_width, "scalars")
-        if ciphertexts.count != scalars.count:
-            raise InvalidRequestError(f"batch sizes differ: {ciphertexts.count} != {scalars.count}")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(scalars, pk.plain_width, "scalars")
+        check_same_count(ciphertexts, scalars)
         self._counts["eval"] += scalars.count
         jobs: list[Job] = [
             ("mul", pk.n, ciphertexts.slice(a, b).data, scalars.slice(a, b).data, self._config.cpu_ifma)
@@ -285,8 +279,7 @@ class CpuBackend:
     def powm(self, base: LimbBuffer, exponent: LimbBuffer, modulus: int) -> LimbBuffer:
         if modulus < 3 or modulus % 2 == 0 or modulus.bit_length() > base.width * 32:
             raise InvalidRequestError("modulus must be odd, > 2 and fit the base width")
-        if base.count != exponent.count:
-            raise InvalidRequestError(f"batch sizes differ: {base.count} != {exponent.count}")
+        check_same_count(base, exponent)
         self._counts["eval"] += base.count
         jobs: list[Job] = [
             ("powm", modulus, base.slice(a, b).data, base.width, exponent.slice(a, b).data, exponent.width)

@@ -42,7 +42,7 @@ from typing import Literal, Protocol
 
 import gmpy2
 
-from fedgate.compute.api import BackendStats
+from fedgate.compute.api import BackendStats, check_same_count, check_width
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.djn import DjnTable
 from fedgate.compute.limbs import LimbBuffer, from_limbs, limbs_for_bits, to_limbs
@@ -323,15 +323,11 @@ class FpgaBackend:
             out.extend(from_limbs(LimbBuffer(self._device.wait(job_id, timeout_ms=K_WAIT_MS), width)))
         return out
 
-    @staticmethod
-    def _check(buf: LimbBuffer, width: int, what: str) -> None:
-        if buf.width != width:
-            raise InvalidRequestError(f"{what} must have {width} limbs per element, got {buf.width}")
 
     def encrypt(
         self, pk: PublicKey, plaintexts: LimbBuffer, *, sk: SecretKey | None = None, obfuscate: bool = True
     ) -> LimbBuffer:
-        self._check(plaintexts, pk.plain_width, "plaintexts")
+        check_width(plaintexts, pk.plain_width, "plaintexts")
         ms = from_limbs(plaintexts)
         if any(m >= pk.n for m in ms):
             raise InvalidRequestError("plaintext is not a residue mod n")
@@ -354,7 +350,7 @@ class FpgaBackend:
 
     def decrypt(self, sk: SecretKey, ciphertexts: LimbBuffer) -> LimbBuffer:
         pk = sk.public
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
         cs = from_limbs(ciphertexts)
         count, nh = len(cs), pk.plain_width
         self._counts["dec"] += count
@@ -367,19 +363,17 @@ class FpgaBackend:
         return to_limbs(ms, nh)
 
     def add(self, pk: PublicKey, a: LimbBuffer, b: LimbBuffer) -> LimbBuffer:
-        self._check(a, pk.cipher_width, "ciphertexts")
-        self._check(b, pk.cipher_width, "ciphertexts")
-        if a.count != b.count:
-            raise InvalidRequestError(f"batch sizes differ: {a.count} != {b.count}")
+        check_width(a, pk.cipher_width, "ciphertexts")
+        check_width(b, pk.cipher_width, "ciphertexts")
+        check_same_count(a, b)
         self._counts["eval"] += a.count
         nl = pk.cipher_width
         return to_limbs(self._batch("mulmod", from_limbs(a), False, from_limbs(b), False, nl, pk.n2, nl, a.count), nl)
 
     def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
-        self._check(scalars, pk.plain_width, "scalars")
-        if ciphertexts.count != scalars.count:
-            raise InvalidRequestError(f"batch sizes differ: {ciphertexts.count} != {scalars.count}")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(scalars, pk.plain_width, "scalars")
+        check_same_count(ciphertexts, scalars)
         cs, ks = from_limbs(ciphertexts), from_limbs(scalars)
         if any(k >= pk.n for k in ks):
             raise InvalidRequestError("scalar is not a residue mod n")
@@ -393,8 +387,7 @@ class FpgaBackend:
     def powm(self, base: LimbBuffer, exponent: LimbBuffer, modulus: int) -> LimbBuffer:
         if modulus < 3 or modulus % 2 == 0 or modulus.bit_length() > base.width * 32:
             raise InvalidRequestError("modulus must be odd, > 2 and fit the base width")
-        if base.count != exponent.count:
-            raise InvalidRequestError(f"batch sizes differ: {base.count} != {exponent.count}")
+        check_same_count(base, exponent)
         self._counts["eval"] += base.count
         out = self._batch(
             "powm",

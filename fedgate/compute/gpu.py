@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fedgate.compute.api import BackendStats
+from fedgate.compute.api import BackendStats, check_same_count, check_width
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.djn import DjnTable
 from fedgate.compute.limbs import LimbBuffer, limbs_for_bits
@@ -277,10 +277,6 @@ class GpuBackend:
         state.djn_nwin = len(rows)
         state.djn_exp_bits = table.exponent_bits
 
-    @staticmethod
-    def _check(buf: LimbBuffer, width: int, what: str) -> None:
-        if buf.width != width:
-            raise InvalidRequestError(f"{what} must have {width} limbs per element, got {buf.width}")
 
     def _run(self, kernel: str, count: int, out_shape: tuple[int, int], args: Sequence[Any], nl: int) -> U32:
         return self._device.run(kernel, count, out_shape, args, max_limbs=max_limbs_for(nl))
@@ -288,7 +284,7 @@ class GpuBackend:
     def encrypt(
         self, pk: PublicKey, plaintexts: LimbBuffer, *, sk: SecretKey | None = None, obfuscate: bool = True
     ) -> LimbBuffer:
-        self._check(plaintexts, pk.plain_width, "plaintexts")
+        check_width(plaintexts, pk.plain_width, "plaintexts")
         if sk is not None and sk.public != pk:
             raise InvalidRequestError("secret key does not match the public key")
         msgs = as_array(plaintexts)
@@ -319,7 +315,7 @@ class GpuBackend:
 
     def decrypt(self, sk: SecretKey, ciphertexts: LimbBuffer) -> LimbBuffer:
         pk = sk.public
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
         count = ciphertexts.count
         self._counts["dec"] += count
         with self._lock:
@@ -332,10 +328,9 @@ class GpuBackend:
         return to_buffer(out, nh)
 
     def add(self, pk: PublicKey, a: LimbBuffer, b: LimbBuffer) -> LimbBuffer:
-        self._check(a, pk.cipher_width, "ciphertexts")
-        self._check(b, pk.cipher_width, "ciphertexts")
-        if a.count != b.count:
-            raise InvalidRequestError(f"batch sizes differ: {a.count} != {b.count}")
+        check_width(a, pk.cipher_width, "ciphertexts")
+        check_width(b, pk.cipher_width, "ciphertexts")
+        check_same_count(a, b)
         self._counts["eval"] += a.count
         nl = pk.cipher_width
         state = self._key(pk)
@@ -343,10 +338,9 @@ class GpuBackend:
         return to_buffer(out, nl)
 
     def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
-        self._check(ciphertexts, pk.cipher_width, "ciphertexts")
-        self._check(scalars, pk.plain_width, "scalars")
-        if ciphertexts.count != scalars.count:
-            raise InvalidRequestError(f"batch sizes differ: {ciphertexts.count} != {scalars.count}")
+        check_width(ciphertexts, pk.cipher_width, "ciphertexts")
+        check_width(scalars, pk.plain_width, "scalars")
+        check_same_count(ciphertexts, scalars)
         ks = as_array(scalars)
         if not less_than(ks, pk.n).all():
             raise InvalidRequestError("scalar is not a residue mod n")
@@ -359,8 +353,7 @@ class GpuBackend:
     def powm(self, base: LimbBuffer, exponent: LimbBuffer, modulus: int) -> LimbBuffer:
         if modulus < 3 or modulus % 2 == 0 or modulus.bit_length() > base.width * 32:
             raise InvalidRequestError("modulus must be odd, > 2 and fit the base width")
-        if base.count != exponent.count:
-            raise InvalidRequestError(f"batch sizes differ: {base.count} != {exponent.count}")
+        check_same_count(base, exponent)
         nl = limbs_for_bits(modulus.bit_length())
         if base.width > 2 * nl:
             raise InvalidRequestError("base width may be at most twice the modulus width on this backend")
