@@ -27,7 +27,7 @@ from fedgate.proxy.osx_client import OsxForwarder
 from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore
 
-__all__ = ["Direction", "Dispatcher", "Inspector"]
+__all__ = ["K_LINK_TRANSPORTS", "Direction", "Dispatcher", "Inspector"]
 
 log = logging.getLogger("fedgate.dispatch")
 
@@ -35,7 +35,7 @@ Direction = Literal["outbound", "inbound"]
 Inspector = Callable[[Envelope, Direction], Awaitable[None]]
 """Runs the audit chain; raises RejectedError to stop the message."""
 
-K_LINK_TRANSPORTS = frozenset({"tcp", "quic", "rdma", "auto"})
+K_LINK_TRANSPORTS = frozenset({"tcp", "quic", "rdma", "auto"})  # route transports served by the fedgate link
 
 
 class _LinkWaker(Protocol):

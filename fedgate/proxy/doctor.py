@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 from fedgate.config import FedgateConfig, load_config
 from fedgate.errors import ConfigError
+from fedgate.proxy.dispatch import K_LINK_TRANSPORTS
 from fedgate.proxy.link_doctor import DoctorStep, diagnose
 from fedgate.proxy.route_reload import load_route_table
 from fedgate.proxy.routing import Endpoint
 
 __all__ = ["main"]
 
-K_LINK = ("tcp", "quic", "rdma", "auto")
 
 
 async def _grpc_steps(endpoint: Endpoint, timeout: float) -> list[DoctorStep]:
@@ -67,7 +67,7 @@ async def _grpc_steps(endpoint: Endpoint, timeout: float) -> list[DoctorStep]:
 
 
 async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout: float) -> list[DoctorStep]:
-    if endpoint.transport not in K_LINK:
+    if endpoint.transport not in K_LINK_TRANSPORTS:
         return await _grpc_steps(endpoint, timeout)
     from fedgate.proxy.links import choose_link_transport
 

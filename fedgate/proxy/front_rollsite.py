@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 
 from fedgate.errors import FedgateError, InvalidRequestError, MessageTooLargeError, PeerUnavailableError
-from fedgate.proxy.dispatch import Dispatcher
+from fedgate.proxy.dispatch import K_LINK_TRANSPORTS, Dispatcher
 from fedgate.proxy.envelope import Envelope, new_message_id
 from fedgate.proxy.osx_client import channel_options
 from fedgate.proxy.protos import basic_meta_pb2, proxy_pb2, proxy_pb2_grpc, transfer_pb2
@@ -173,7 +173,7 @@ class DataTransferServicer(proxy_pb2_grpc.DataTransferServiceServicer):
 
     def _is_link_route(self, party: str, role: str) -> bool:
         route = self._router.route(party, role or "default", now=time.monotonic())
-        return any(ep.transport in ("tcp", "quic", "rdma", "auto") for ep in route.endpoints)
+        return any(ep.transport in K_LINK_TRANSPORTS for ep in route.endpoints)
 
     async def _relay(
         self, first: proxy_pb2.Packet, rest: AsyncIterator[proxy_pb2.Packet], party: str, role: str

@@ -29,6 +29,7 @@ from fedgate.config import FedgateConfig, parse_hostport
 from fedgate.errors import ConfigError, FedgateError, PeerUnavailableError, RouteError
 from fedgate.proxy.carrier import ByteChannel, Carrier, CarrierServer
 from fedgate.proxy.carriers import load_carrier
+from fedgate.proxy.dispatch import K_LINK_TRANSPORTS
 from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_events import Rejection
@@ -45,7 +46,6 @@ log = logging.getLogger("fedgate.links")
 
 InboundHook = Callable[[Envelope], Awaitable[Rejection | None]]
 RejectedHook = Callable[[OutboxItem, Rejection], Awaitable[None]]
-K_LINK_TRANSPORTS = ("tcp", "quic", "rdma", "auto")
 
 
 def choose_link_transport(config: FedgateConfig, endpoint: Endpoint) -> tuple[str, str]:
