@@ -69,7 +69,7 @@ async def _grpc_steps(endpoint: Endpoint, timeout: float) -> list[DoctorStep]:
 async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout: float) -> list[DoctorStep]:
     if endpoint.transport not in K_LINK_TRANSPORTS:
         return await _grpc_steps(endpoint, timeout)
-    from fedgate.proxy.links import choose_link_transport
+    from fedgate.proxy.links import choose_link_transport, make_carrier
 
     tls = config.tls
     client = None
@@ -83,18 +83,9 @@ async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout:
     name, why = choose_link_transport(config, endpoint)
     if endpoint.transport == "auto":
         print(f"  transport auto: {name} ({why})")
-    from fedgate.proxy.carriers import load_carrier
-
-    if name == "quic":
-        from fedgate.congestion.quic_link import QuicIdentity
-
-        carrier = load_carrier("quic", config.quic, identity=QuicIdentity.from_tls_config(tls))
-    elif name == "rdma":
-        carrier = load_carrier("rdma", config.rdma)
-    else:
-        carrier = load_carrier("tcp")
     return await diagnose(host=endpoint.host, port=endpoint.port, party=party,
-                          local_party=config.gateway.party_ids[0], tls=client, carrier=carrier, timeout=timeout)
+                          local_party=config.gateway.party_ids[0], tls=client, carrier=make_carrier(config, name),
+                          timeout=timeout)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -40,7 +40,7 @@ from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore, outbox_of
 from fedgate.proxy.store_api import OutboxItem
 
-__all__ = ["InboundHook", "LinkManager", "RejectedHook", "choose_link_transport"]
+__all__ = ["InboundHook", "LinkManager", "RejectedHook", "choose_link_transport", "make_carrier"]
 
 log = logging.getLogger("fedgate.links")
 
@@ -58,6 +58,17 @@ def choose_link_transport(config: FedgateConfig, endpoint: Endpoint) -> tuple[st
         "auto", local_datacenter=config.gateway.datacenter, peer_datacenter=endpoint.datacenter,
         local_rdma=rdma_available(config.rdma.device), peer_rdma=True,
     )
+
+
+def make_carrier(config: FedgateConfig, name: str) -> Carrier:
+    """Build carrier ``name`` from its config section (and this gateway's TLS identity for QUIC)."""
+    if name == "quic":
+        from fedgate.congestion.quic_link import QuicIdentity
+
+        return load_carrier(name, config.quic, identity=QuicIdentity.from_tls_config(config.tls))
+    if name == "rdma":
+        return load_carrier(name, config.rdma)
+    return load_carrier(name)
 
 
 class LinkManager:
@@ -112,16 +123,7 @@ class LinkManager:
     def _carrier(self, name: str) -> Carrier:
         carrier = self._carriers.get(name)
         if carrier is None:
-            if name == "quic":
-                from fedgate.congestion.quic_link import QuicIdentity
-
-                carrier = load_carrier(name, self._config.quic,
-                                       identity=QuicIdentity.from_tls_config(self._config.tls))
-            elif name == "rdma":
-                carrier = load_carrier(name, self._config.rdma)
-            else:
-                carrier = load_carrier(name)
-            self._carriers[name] = carrier
+            carrier = self._carriers[name] = make_carrier(self._config, name)
         return carrier
 
     # -- listening ------------------------------------------------------------------------------------
