@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 from collections.abc import Sequence
 
 from fedgate.config import FedgateConfig, load_config
 from fedgate.errors import ConfigError
 from fedgate.proxy.dispatch import K_LINK_TRANSPORTS
-from fedgate.proxy.link_doctor import DoctorStep, diagnose
+from fedgate.proxy.link_doctor import DoctorStep, diagnose, reach_steps
 from fedgate.proxy.route_reload import load_route_table
 from fedgate.proxy.routing import Endpoint
 
@@ -32,23 +31,8 @@ async def _grpc_steps(endpoint: Endpoint, timeout: float) -> list[DoctorStep]:
 
     from fedgate.proxy.osx_client import OsxForwarder
 
-    steps: list[DoctorStep] = []
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM),
-                                       timeout)
-        steps.append(DoctorStep("dns", True, f"{endpoint.host} resolves to "
-                                f"{', '.join(sorted({str(i[4][0]) for i in infos}))}"))
-    except (OSError, TimeoutError) as exc:
-        return [DoctorStep("dns", False, f"cannot resolve {endpoint.host!r}: {exc}")]
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-        writer.transport.abort()
-        steps.append(DoctorStep("tcp", True, f"TCP port {endpoint.port} accepts connections"))
-    except (OSError, TimeoutError) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        steps.append(DoctorStep("tcp", False, f"TCP connection to {endpoint.address} failed: {reason}"))
+    steps = await reach_steps(endpoint.host, endpoint.port, timeout=timeout)
+    if not all(s.ok for s in steps):
         return steps
     forwarder = OsxForwarder(max_message_bytes=4 * 1024 * 1024, timeout=timeout)
     channel = forwarder._channel(endpoint)  # the very channel a forward would use

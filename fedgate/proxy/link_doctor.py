@@ -30,7 +30,7 @@ from fedgate.proxy.link_listener import K_PROBE_CAPABILITY
 from fedgate.proxy.link_send import LinkSenderCore
 from fedgate.proxy.tcp_carrier import TcpCarrier
 
-__all__ = ["DoctorStep", "diagnose", "format_steps", "main"]
+__all__ = ["DoctorStep", "diagnose", "format_steps", "main", "reach_steps"]
 
 K_MAX_SKEW = 5.0  # seconds of clock difference tolerated on top of the round trip
 
@@ -43,6 +43,27 @@ class DoctorStep:
     detail: str
 
 
+async def reach_steps(host: str, port: int, *, timeout: float, tcp: bool = True) -> list[DoctorStep]:
+    """The ``dns`` step, then (with ``tcp``) whether the TCP port accepts connections; stops at a failure."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, TimeoutError) as exc:
+        return [DoctorStep("dns", False, f"cannot resolve {host!r}: {exc}")]
+    steps = [DoctorStep("dns", True, f"{host} resolves to {', '.join(sorted({str(i[4][0]) for i in infos}))}")]
+    if tcp:
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
+            writer.transport.abort()
+            steps.append(DoctorStep("tcp", True, f"TCP port {port} accepts connections"))
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            steps.append(DoctorStep("tcp", False, f"TCP connection to {host}:{port} failed: {reason} "
+                                                  "(gateway down, firewall?)"))
+    return steps
+
+
 async def diagnose(
     *, host: str, port: int, party: str, local_party: str, tls: ssl.SSLContext | None,
     carrier: Carrier | None = None, server_hostname: str | None = None, timeout: float = 5.0,
@@ -50,30 +71,14 @@ async def diagnose(
 ) -> list[DoctorStep]:
     """Check that the gateway of ``party`` at ``host:port`` can be reached and speaks the link."""
     carrier = carrier or TcpCarrier()
-    steps: list[DoctorStep] = []
-    loop = asyncio.get_running_loop()
+    steps = await reach_steps(host, port, timeout=timeout, tcp=carrier.name == "tcp")
+    if not all(s.ok for s in steps):
+        return steps
 
     def step(name: str, ok: bool, detail: str) -> bool:
         steps.append(DoctorStep(name, ok, detail))
         return ok
 
-    try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-        addresses = sorted({str(info[4][0]) for info in infos})
-        step("dns", True, f"{host} resolves to {', '.join(addresses)}")
-    except (OSError, TimeoutError) as exc:
-        step("dns", False, f"cannot resolve {host!r}: {exc}")
-        return steps
-    if carrier.name == "tcp":
-        try:
-            async with asyncio.timeout(timeout):
-                _, writer = await asyncio.open_connection(host, port)
-            writer.transport.abort()
-            step("tcp", True, f"TCP port {port} accepts connections")
-        except (OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            step("tcp", False, f"TCP connection to {host}:{port} failed: {reason} (gateway down, firewall?)")
-            return steps
     try:
         channel = await carrier.connect(host, port, tls=tls, server_hostname=server_hostname, timeout=timeout)
     except FedgateError as exc:
