@@ -41,8 +41,8 @@ class ComputeConfig:
     Memory per key and process is about (bits/2 / window) * 2^window * 2*bits/8 bytes (14-30 MB)."""
     cpu_ifma: bool = True
     """Let the cpu backend use Intel crypto_mb (AVX-512 IFMA, 8 exponentiations per call) for
-    decryption, scalar multiplication and non-DJN encryption, when ``pip install 'fedgate[ifma]'`` put
-    it in the environment and the CPU has avx512ifma; otherwise gmpy2 does everything."""
+    decryption, scalar multiplication and non-DJN encryption when the CPU has avx512ifma (ipp-crypto is a
+    runtime dependency on x86_64 Linux); otherwise gmpy2 does everything and the backend logs why."""
     pool_size: int = field(default=0, metadata=bounds(ge=0))
     """Precomputed r^n values kept per key for encryption (each used once, then dropped); 0 disables."""
     pool_low_water: float = field(default=0.5, metadata=bounds(ge=0, le=1))

@@ -24,6 +24,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -53,6 +54,8 @@ from fedgate.compute.paillier import (
 from fedgate.errors import InvalidRequestError, LocalError
 
 __all__ = ["CpuBackend", "create"]
+
+log = logging.getLogger("fedgate.compute")
 
 K_CHUNKS_PER_WORKER = 2  # chunks per worker process and batch (load balance vs. round trips)
 
@@ -181,6 +184,11 @@ class CpuBackend:
         self._config = config
         self._workers = config.workers or os.cpu_count() or 1
         self._engine = _Engine()
+        if config.cpu_ifma:  # load crypto_mb now, and say once why it is not used
+            if self._engine.accel(True) is None:
+                log.warning("cpu backend: IFMA not used, gmpy2 does every exponentiation (%s)", self._engine.mb_reason)
+            else:
+                log.info("cpu backend: IFMA via %s", self._engine.mb_reason)
         self._executor: ProcessPoolExecutor | None = None
         self._pools: dict[int, RandomnessPool] = {}
         self._lock = threading.Lock()

@@ -8,9 +8,9 @@ encryption. The DJN fixed-base path stays on gmpy2 (a table walk beats any gener
 
 Where it comes from: the ``ipp-crypto`` wheel (``libcrypto_mb.so``) and the Intel runtime it links
 (``intel-cmplr-lib-rt``: ``libsvml``, ``libimf``, ``libirng``, ``libintlc``), both installed into the
-environment's ``lib/`` (``pip install 'fedgate[ifma]'``; the runtime is large, about 0.5 GB). The
-library is used only when the CPU reports ``avx512ifma``; ``FEDGATE_CRYPTO_MB_DIR`` overrides the
-directory searched.
+environment's ``lib/``; both are runtime dependencies of fedgate on x86_64 Linux (about 170 MB
+installed, most of it the Intel runtime). The library is used only when the CPU reports
+``avx512ifma``; ``FEDGATE_CRYPTO_MB_DIR`` overrides the directory searched.
 
 Rules: :func:`load` never raises; it returns None and the reason, and callers fall back to gmpy2.
 Moduli must be odd and at most 4096 bits; bases are reduced mod m here; a non-zero lane status

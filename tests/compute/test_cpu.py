@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import platform
 import secrets
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -69,11 +72,19 @@ def test_check_backend_runs_everything(keys1024: KeyPair) -> None:
     assert stats.name == "cpu" and stats.encrypted > 0 and stats.decrypted > 0 and stats.evaluated > 0
 
 
+def _ifma_expected() -> bool:
+    """ipp-crypto is a runtime dependency on x86_64 Linux: where the CPU has IFMA it must load."""
+    from fedgate.compute import ifma
+
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64" and ifma._cpu_has_ifma()
+
+
 def test_crypto_mb_matches_gmpy2_when_present(keys1024: KeyPair) -> None:
     from fedgate.compute import ifma
 
     mb, reason = ifma.load()
     if mb is None:
+        assert not _ifma_expected(), f"the CPU has avx512ifma but crypto_mb does not load: {reason}"
         pytest.skip(f"crypto_mb not usable here: {reason}")
     pk, sk = keys1024
     bases = [0, 1, sk.p2 - 1] + [secrets.randbits(2048) for _ in range(10)]  # unreduced bases too
@@ -96,3 +107,22 @@ def test_crypto_mb_loader_explains_absence(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(ifma, "_search_dirs", lambda: [tmp_path])
     mb, reason = ifma.load()
     assert mb is None and "libcrypto_mb.so not found" in reason
+
+
+def test_ifma_is_the_default_where_the_cpu_has_it() -> None:
+    b = CpuBackend(ComputeConfig(workers=1))
+    assert ("crypto_mb" in b.statistics().device) == _ifma_expected()
+
+
+def test_fallback_to_gmpy2_is_logged_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, keys1024: KeyPair
+) -> None:
+    from fedgate.compute import ifma
+
+    monkeypatch.setattr(ifma, "_cpu_has_ifma", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="fedgate.compute"):
+        b = CpuBackend(ComputeConfig(workers=1))
+    assert "IFMA not used" in caplog.text and "does not report avx512ifma" in caplog.text
+    assert "crypto_mb" not in b.statistics().device
+    pk, sk = keys1024
+    assert from_limbs(b.decrypt(sk, b.encrypt(pk, to_limbs([5, 7], pk.plain_width)))) == [5, 7]
