@@ -9,6 +9,10 @@ Rules of this module:
    data would cap the rate below the controller's; a larger one only allows a short burst.
 3. Tokens may go negative by at most one packet: a packet is released whenever the balance is
    positive, so the long-run rate is exact even for packets larger than the remaining balance.
+4. An empty bucket is refilled to a wake-up quantum (``quantum_s`` of data, at least one byte,
+   at most the bucket) before the next release: one timer per ~1 ms of data, not one per datagram.
+   Timers that fire per datagram (every 116 us at 100 Mbit/s) cost more CPU than the packets
+   themselves and, with 1 ms loop timers, fire early and spin.
 """
 
 from __future__ import annotations
@@ -17,16 +21,26 @@ __all__ = ["Pacer"]
 
 K_DEFAULT_BUCKET = 0.004  # seconds of data at the pacing rate
 K_MIN_BUCKET_PACKETS = 2  # datagrams
+K_DEFAULT_QUANTUM = 0.001  # seconds of data released per wake-up once the bucket ran dry
 
 
 class Pacer:
     """Token bucket; a rate of None means unpaced."""
 
-    def __init__(self, *, max_datagram_size: int, bucket_s: float = K_DEFAULT_BUCKET) -> None:
+    def __init__(
+        self,
+        *,
+        max_datagram_size: int,
+        bucket_s: float = K_DEFAULT_BUCKET,
+        quantum_s: float = K_DEFAULT_QUANTUM,
+    ) -> None:
         if bucket_s <= 0:
             raise ValueError("bucket_s must be > 0")
+        if quantum_s < 0:
+            raise ValueError("quantum_s must be >= 0")
         self._mds = max_datagram_size
         self._bucket_s = bucket_s
+        self._quantum_s = quantum_s
         self._rate: float | None = None
         self._capacity = float(K_MIN_BUCKET_PACKETS * max_datagram_size)
         self._tokens = self._capacity
@@ -61,7 +75,8 @@ class Pacer:
         self._refill(now)
         if self._tokens > 0:
             return None
-        return now + (-self._tokens + 1.0) / self._rate
+        quantum = min(max(self._rate * self._quantum_s, 1.0), self._capacity)
+        return now + (quantum - self._tokens) / self._rate
 
     def on_sent(self, *, now: float, size: int) -> None:
         if self._rate is None:

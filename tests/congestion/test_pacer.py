@@ -59,3 +59,41 @@ def test_next_send_time_is_in_the_future_when_empty() -> None:
 def test_bad_bucket_rejected() -> None:
     with pytest.raises(ValueError):
         Pacer(max_datagram_size=MDS, bucket_s=0)
+
+
+def _wakeups(pacer: Pacer, *, end: float) -> tuple[int, int]:
+    """Drive the pacer the way the event loop does (sleep exactly until next_send_time); (wakeups, bytes)."""
+    now, wakeups, sent = 0.0, 0, 0
+    while now < end:
+        while (at := pacer.next_send_time(now=now)) is None:
+            pacer.on_sent(now=now, size=MDS)
+            sent += MDS
+        now = at
+        wakeups += 1
+    return wakeups, sent
+
+
+def test_one_wakeup_per_quantum_not_per_datagram() -> None:
+    rate = 12.5e6  # 100 Mbit/s: 10,400 datagrams of 1200 bytes per second
+    pacer = Pacer(max_datagram_size=MDS, bucket_s=0.004, quantum_s=0.001)
+    pacer.set_rate(rate, now=0.0)
+    wakeups, sent = _wakeups(pacer, end=1.0)
+    assert sent == pytest.approx(rate, rel=0.02)
+    assert wakeups <= 1100
+
+
+def test_zero_quantum_wakes_per_datagram() -> None:
+    rate = 12.5e6
+    pacer = Pacer(max_datagram_size=MDS, bucket_s=0.004, quantum_s=0.0)
+    pacer.set_rate(rate, now=0.0)
+    wakeups, _ = _wakeups(pacer, end=1.0)
+    assert wakeups > 9000
+
+
+def test_quantum_never_exceeds_the_bucket() -> None:
+    pacer = Pacer(max_datagram_size=MDS, bucket_s=0.002, quantum_s=0.5)
+    pacer.set_rate(1e6, now=0.0)
+    while pacer.next_send_time(now=0.0) is None:
+        pacer.on_sent(now=0.0, size=MDS)
+    at = pacer.next_send_time(now=0.0)
+    assert at is not None and at <= (pacer.capacity + MDS) / 1e6
