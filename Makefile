@@ -55,7 +55,7 @@ bench-cc: $(TSTAMP)
 	$(BIN)/fedgate bench cc $(ARGS)
 
 bench-audit: $(TSTAMP)
-	$(BIN)/fedgate audit bench $(ARGS)
+	$(BIN)/fedgate bench audit $(ARGS)
 
 bench-rdma: $(TSTAMP)
 	$(BIN)/fedgate bench rdma $(ARGS)

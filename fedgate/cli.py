@@ -38,6 +38,7 @@ K_BENCH: dict[str, tuple[str, str]] = {
     "he": ("fedgate.compute.bench:main", "Paillier kops per op: fedgate backends vs phe and fate_utils"),
     "rdma": ("fedgate.rdma.bench:main", "RDMA message rate and bandwidth vs TCP (real RDMA hosts)"),
     "cc": ("fedgate.congestion.sim_bench:main", "congestion controllers on the seed rows in a virtual-time simulator"),
+    "audit": ("fedgate.bench.audit:main", "gateway CPU per message of the audit chain and ledger on bench proxy"),
 }
 
 

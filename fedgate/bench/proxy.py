@@ -25,8 +25,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["main"]
+__all__ = ["K_AUDIT_MODES", "main"]
 
+K_AUDIT_MODES = {  # --audit MODE: the gateways' [audit] section
+    "off": "[audit]\nenabled = false\n",
+    "chain": "[audit]\nenabled = true\nledger = false\n",
+    "on": "[audit]\nenabled = true\nledger = true\n",
+}
 K_SIZES = {"1KiB": 1024, "1MiB": 1024 * 1024}
 
 
@@ -58,7 +63,7 @@ class _Result:
 
 
 def _write_gateway(
-    root: pathlib.Path, parties: list[str], routes: dict[str, object], *, front: int, link: int, audit: bool
+    root: pathlib.Path, parties: list[str], routes: dict[str, object], *, front: int, link: int, audit: str
 ) -> pathlib.Path:
     gw = root / parties[0]
     gw.mkdir(parents=True)
@@ -67,14 +72,14 @@ def _write_gateway(
         f"[gateway]\nparty_ids = {json.dumps(parties)}\n[front]\nlisten = \"127.0.0.1:{front}\"\n"
         f"[link]\nlisten = \"127.0.0.1:{link}\"\ninsecure = true\nquic = false\n"
         f"[store]\npath = \"{gw / 'fedgate.db'}\"\nmin_free_bytes = 0\n[metrics]\nlisten = \"\"\n"
-        f"[audit]\nenabled = {'true' if audit else 'false'}\n"
+        + K_AUDIT_MODES[audit] +
         f"[log]\nlevel = \"warning\"\n[routes]\nfile = \"{gw / 'routes.json'}\"\n"
     )
     return gw / "fedgate.toml"
 
 
 @contextlib.contextmanager
-def _gateways(root: pathlib.Path, *, audit: bool) -> Iterator[tuple[int, int, Callable[[str], None]]]:
+def _gateways(root: pathlib.Path, *, audit: str) -> Iterator[tuple[int, int, Callable[[str], None]]]:
     """Gateway A (party 9999) and gateway B (party 10000). Yields A's and B's front ports and a function
     that switches A's route to 10000 between the OSX gRPC hop and the fedgate TCP link (a live reload)."""
     a_front, a_link, b_front, b_link = (_free_port() for _ in range(4))
@@ -174,8 +179,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--count-1m", type=int, default=300, help="1 MiB messages per path (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16, help="pushers and poppers (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--audit", action="store_true",
-                        help="run the audit chain and ledger in both gateways (payloads are FATE-shaped)")
+    parser.add_argument("--audit", nargs="?", choices=list(K_AUDIT_MODES), default="off", const="on",
+                        help="the audit in both gateways: off (default), chain (filters only), on (chain and "
+                        "ledger; what --audit alone means); payloads are FATE-shaped, the default policy passes them")
     args = parser.parse_args(argv)
 
     results: list[_Result] = []
