@@ -93,8 +93,7 @@ class _Engine:
         self, pk: PublicKey, sk: SecretKey | None, count: int, short_exp: bool, window: int, use_ifma: bool
     ) -> list[mpz]:
         if short_exp:
-            table = self.table(pk, window)
-            return [table.random_rn() for _ in range(count)]
+            return self.table(pk, window).random_rns(count)
         mb = self.accel(use_ifma)
         if mb is None:
             if sk is not None:

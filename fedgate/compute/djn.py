@@ -13,6 +13,14 @@ the exponent, 2^(k/4) work: 2^256 for 1024-bit keys). Ciphertexts stay ordinary 
 ciphertexts: anyone, FATE included, decrypts and evaluates them unchanged. Switch it off with
 ``[compute] short_exponent = false`` to get textbook r^n with r uniform in Z_n^*.
 
+Speed (CPU): a table row per window of the exponent holds hs^(d * 2^(w*i)) for every digit d, so r^n
+costs ceil(k/2 / w) - 1 products mod n^2 and no squaring. :meth:`DjnTable.random_rns` walks a batch
+"step-major": one row for every element of a chunk before the next row, so the row being read stays in
+the core's cache (the per-element walk misses it: about 15 % slower at w = 12); the digits of all
+exponents of a chunk come from one ``secrets.token_bytes`` call, cut into w-bit digits with numpy (the
+top digit masked, so a is exactly ceil(k/2) bits, uniform). Measured per 1024-bit encryption on one
+Zen 4 core: 101 us per element-major walk at w = 10, 77 us step-major at w = 12.
+
 Rules of this module:
 
 1. Every exponent ``a`` and every x is drawn from :mod:`secrets`; a table is per key and per process.
@@ -33,14 +41,40 @@ from fedgate.compute.paillier import PublicKey
 
 __all__ = ["DjnTable", "RandomnessPool", "default_window"]
 
+K_WALK_CHUNK = 4096  # elements walked together, one row at a time (fewer, larger numpy draws; 1-2 MB of accumulators)
+K_MAX_BATCH_WINDOW = 16  # digits are cut from 16-bit words
+
 
 def default_window(bits: int) -> int:
-    """The fixed-base window (bits) for a modulus size: 10 up to 1024 bits, 9 up to 2048, else 8."""
+    """The fixed-base window (bits) for a modulus size: 12 up to 1024 bits, 9 up to 2048, else 8.
+
+    Memory per table: ceil(bits/2 / w) rows of 2^w values of 2*bits/8 bytes (plus about 40 bytes per
+    value): about 50 MB at 1024 bits (w = 12), 33 MB at 2048 bits (w = 9).
+    """
     if bits <= 1024:
-        return 10
+        return 12
     if bits <= 2048:
         return 9
     return 8
+
+
+def _digit_rows(exps: list[int] | None, count: int, window: int, exponent_bits: int) -> list[list[int]]:
+    """Digit i of every exponent, row by row (``rows[i][j]`` = digit i of element j).
+
+    With ``exps`` None the exponents are fresh: ``count`` uniform ``exponent_bits``-bit numbers from
+    ``secrets.token_bytes`` (uniform 16-bit words masked to w bits, the top digit to what is left).
+    """
+    import numpy as np  # a runtime dependency; imported here so that importing djn stays light
+
+    nwin = -(-exponent_bits // window)
+    mask = (1 << window) - 1
+    if exps is None:
+        words = np.frombuffer(secrets.token_bytes(2 * nwin * count), dtype="<u2").reshape(nwin, count)
+        digits = words & np.uint16(mask)
+        digits[-1] &= np.uint16((1 << (exponent_bits - window * (nwin - 1))) - 1)
+        out: list[list[int]] = digits.tolist()
+        return out
+    return [[(a >> (window * i)) & mask for a in exps] for i in range(nwin)]
 
 
 def _rows(base: mpz, modulus: mpz, window: int, exponent_bits: int) -> list[list[mpz]]:
@@ -92,6 +126,34 @@ class DjnTable:
     def random_rn(self) -> mpz:
         """A fresh r^n = hs^a with a uniform short exponent a."""
         return self.power(secrets.randbits(self.exponent_bits))
+
+    def powers(self, exps: list[int]) -> list[mpz]:
+        """``[hs^a mod n^2 for a in exps]`` (each ``0 <= a < 2^exponent_bits``), walked step-major."""
+        if any(a < 0 or a >> self.exponent_bits for a in exps):
+            raise ValueError("DJN exponent out of range")
+        out: list[mpz] = []
+        for start in range(0, len(exps), K_WALK_CHUNK):
+            part = exps[start : start + K_WALK_CHUNK]
+            out += self._walk_rows(_digit_rows(part, len(part), self.window, self.exponent_bits))
+        return out
+
+    def random_rns(self, count: int) -> list[mpz]:
+        """``count`` fresh r^n = hs^a, every a uniform in [0, 2^exponent_bits) from :mod:`secrets`."""
+        if self.window > K_MAX_BATCH_WINDOW:
+            return [self.random_rn() for _ in range(count)]
+        out: list[mpz] = []
+        for start in range(0, count, K_WALK_CHUNK):
+            part = min(K_WALK_CHUNK, count - start)
+            out += self._walk_rows(_digit_rows(None, part, self.window, self.exponent_bits))
+        return out
+
+    def _walk_rows(self, digit_rows: list[list[int]]) -> list[mpz]:
+        rows, n2 = self._rows, self._n2
+        first = rows[0]
+        accs = [first[d] for d in digit_rows[0]]
+        for row, digits in zip(rows[1:], digit_rows[1:]):
+            accs = [acc * row[d] % n2 for acc, d in zip(accs, digits)]
+        return accs
 
     def montgomery_rows(self, width: int) -> list[list[int]]:
         """The public table (mod n^2) with every entry times R = 2^(32 width): for device kernels."""

@@ -83,6 +83,33 @@ def test_djn_table_matches_powmod_and_is_fresh(keys1024: KeyPair) -> None:
     assert all(decrypt_raw(sk, v) == 0 for v in list(values)[:5])  # n-th residues encrypt 0
 
 
+@pytest.mark.parametrize("window", [5, 7, 12])
+def test_djn_batch_walk_matches_powmod_and_is_fresh(window: int, keys1024: KeyPair) -> None:
+    pk, sk = keys1024
+    table = DjnTable(pk, window=window)
+    top = (1 << table.exponent_bits) - 1
+    exps = [0, 1, top, 1 << (table.exponent_bits - 1)] + [secrets.randbits(table.exponent_bits) for _ in range(6)]
+    assert table.powers(exps) == [pow(int(table.hs), a, pk.n2) for a in exps]
+    with pytest.raises(ValueError):
+        table.powers([top + 1])
+    with pytest.raises(ValueError):
+        table.powers([-1])
+    values = table.random_rns(300)
+    assert len({int(v) for v in values}) == 300 and table.random_rns(0) == []
+    assert all(decrypt_raw(sk, v) == 0 for v in values[:5])  # n-th residues encrypt 0
+
+
+def test_djn_batch_digits_are_exactly_the_exponent_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgate.compute import djn
+
+    monkeypatch.setattr(secrets, "token_bytes", lambda k: b"\xff" * k)  # all-ones words: the largest a
+    rows = djn._digit_rows(None, 3, 12, 512)
+    assert len(rows) == 43 and all(d == 4095 for row in rows[:-1] for d in row) and rows[-1] == [255] * 3
+    a = sum(d << (12 * i) for i, d in enumerate(r[0] for r in rows))
+    assert a == (1 << 512) - 1
+    assert djn._digit_rows([a, 5], 2, 12, 512) == [[r[0], 0 if i else 5] for i, r in enumerate(rows)]
+
+
 def test_randomness_pool_hands_each_value_out_once() -> None:
     pool = RandomnessPool(10, low_water=0.5)
     counter = iter(range(1000))
