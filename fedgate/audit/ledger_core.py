@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -115,8 +115,15 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+_RECORD_FIELDS = tuple(sorted(f.name for f in fields(LedgerRecord)))
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode  # keys are pre-sorted below
+
+
 def entry_hash(seq: int, prev_hash: str, record: LedgerRecord) -> str:
-    return hashlib.sha256(_canonical([K_VERSION, seq, prev_hash, asdict(record)])).hexdigest()
+    """SHA-256 of ``canonical([K_VERSION, seq, prev_hash, asdict(record)])``: the record's fields are read
+    in sorted order (the same bytes as ``sort_keys``, without ``asdict``'s deep copy)."""
+    fields_ = {name: getattr(record, name) for name in _RECORD_FIELDS}
+    return hashlib.sha256(_ENCODE([K_VERSION, seq, prev_hash, fields_]).encode()).hexdigest()
 
 
 def _checkpoint_message(seq: int, head: str, ts: float) -> bytes:

@@ -308,3 +308,18 @@ def test_key_files(tmp_path: pathlib.Path) -> None:
         load_public_key(tmp_path / "bad.pem")
     key = load_signing_key(tmp_path / "k.pem", create=True)
     assert load_public_key(tmp_path / "k.pem").public_bytes_raw() == key.public_key().public_bytes_raw()
+
+
+def test_entry_hash_is_the_canonical_json_of_the_record() -> None:
+    """The fast encoding (fields read in sorted order) hashes the same bytes as the documented one."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from fedgate.audit.ledger_core import K_VERSION, entry_hash
+
+    record = record_for(envelope(7), "in", "shadow-reject", "pickle.global", now=1.5e9 + 0.125)
+    record = dataclasses.replace(record, topic="t\u00e9\"\\\n", session_id="s\u2603")
+    canonical = json.dumps([K_VERSION, 3, "ab" * 32, dataclasses.asdict(record)], sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=True).encode()
+    assert entry_hash(3, "ab" * 32, record) == hashlib.sha256(canonical).hexdigest()
