@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -37,7 +38,7 @@ from fedgate.audit.filters import (
 )
 from fedgate.audit.payload import Inspection, PayloadInspector, PayloadLimits
 from fedgate.audit.pickle_scan import PickleLimits
-from fedgate.audit.policy import AuditPolicy, load_policy
+from fedgate.audit.policy import AuditPolicy, PolicyCache, load_policy
 from fedgate.audit.safetensors_scan import numpy_available
 from fedgate.errors import ConfigError, UnknownPluginError
 from fedgate.proxy.envelope import Envelope
@@ -93,6 +94,7 @@ class AuditChain:
             raise ConfigError("the audit chain needs numpy (pip install 'numpy>=1.26')", path="audit.enabled")
         self._config = config
         self._policy = policy
+        self._rules = PolicyCache(policy)  # rule lookups memoized per (session, src, dst, message name)
         self._filters = build_filters(config.filters, policy)
         limits = PayloadLimits(
             max_pending_bytes=config.max_pending_bytes,
@@ -106,6 +108,7 @@ class AuditChain:
         self._messages: Counter | None = None
         self._rejects: Counter | None = None
         self._bytes: Counter | None = None
+        self._children: dict[tuple[str, ...], Any] = {}  # labelled counter children, resolved once each
         if registry is not None:
             self._messages = Counter(
                 "fedgate_audit_messages", "Messages audited", ["direction", "verdict"], registry=registry
@@ -139,7 +142,7 @@ class AuditChain:
         if not self._config.enabled:
             return AuditResult(CONTINUE, None, None)
         inspection = self._inspectors[direction].inspect(envelope, now=now)
-        rule = self._policy.rule_for(
+        rule = self._rules.rule_for(
             session=envelope.session_id, src=envelope.src_party, dst=envelope.dst_party, message=inspection.name
         )
         ctx = AuditContext(envelope, direction, rule, inspection)
@@ -175,8 +178,19 @@ class AuditChain:
     def _count(self, direction: str, size: int, result: AuditResult, rejects: list[Reject]) -> None:
         if self._messages is None or self._rejects is None or self._bytes is None:
             return
-        self._messages.labels(direction, result.ledger_verdict[0]).inc()
-        self._bytes.labels(direction).inc(size)
+        verdict = result.ledger_verdict[0]
+        pair = self._children.get((direction, verdict))
+        if pair is None:
+            pair = self._children[(direction, verdict)] = (
+                self._messages.labels(direction, verdict), self._bytes.labels(direction))
+        pair[0].inc()
+        pair[1].inc(size)
         mode = "shadow" if self._config.shadow else "enforce"
         for reject in rejects:
-            self._rejects.labels(direction, reject.rule, mode).inc()
+            key = (direction, reject.rule, mode)
+            child = self._children.get(key)
+            if child is None:
+                if len(self._children) >= 4096:  # rule names come from a fixed set; bound it anyway
+                    self._children.clear()
+                child = self._children[key] = self._rejects.labels(direction, reject.rule, mode)
+            child.inc()

@@ -16,7 +16,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import fnmatch
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Literal, Protocol
 from fedgate.audit.config import K_DEFAULT_FILTER_ORDER
 from fedgate.audit.events import EncryptedTensorFound, GlobalImported, KeyFound, Malformed, ScanLimit, TensorFound
 from fedgate.audit.payload import Inspection
-from fedgate.audit.policy import AuditPolicy, MessageRule
+from fedgate.audit.policy import AuditPolicy, MessageRule, PolicyCache
 from fedgate.proxy.envelope import Envelope
 
 __all__ = [
@@ -140,13 +139,13 @@ class ControlFilter:
     name = "control"
 
     def __init__(self, policy: AuditPolicy) -> None:
-        self._policy = policy
+        self._policy = PolicyCache(policy)
 
     def inspect(self, ctx: AuditContext, *, now: float) -> Verdict:
         algo = self._policy.algorithm_for(ctx.envelope.session_id)
         if algo is None or not ctx.inspection.name:
             return CONTINUE
-        if not any(fnmatch.fnmatchcase(ctx.inspection.name, p) for p in algo.messages):
+        if not self._policy.message_allowed(algo, ctx.inspection.name):
             return _reject(ctx, "control.message", f"{ctx.inspection.name!r} is not a message of {algo.name!r}")
         return CONTINUE
 
@@ -157,12 +156,12 @@ class PickleFilter:
     name = "pickle"
 
     def __init__(self, policy: AuditPolicy) -> None:
-        self._globals = policy.globals
+        self._globals = PolicyCache(policy)
 
     def inspect(self, ctx: AuditContext, *, now: float) -> Verdict:
         for event in ctx.inspection.events:
             if isinstance(event, GlobalImported):
-                why = self._globals.verdict(event.module, event.name)
+                why = self._globals.global_verdict(event.module, event.name)
                 if why is not None:
                     verb = "calls" if event.called else "imports"
                     return _reject(ctx, "pickle.global", f"pickle {verb} {event.qualname}: {why}")

@@ -35,6 +35,9 @@ Rules of this module:
 1. Pure: parsing and matching only; :func:`load_policy` is the one function that reads a file.
 2. Every problem raises :class:`~fedgate.errors.ConfigError` naming the dotted path, at load time.
 3. Matching uses ``fnmatch.fnmatchcase`` globs; an empty party list matches every party.
+4. A policy is immutable, so its answers are pure functions of their arguments: :class:`PolicyCache`
+   memoizes them per (party pair, session, message name) and per global, bounded (``K_CACHE_ENTRIES``
+   per table, cleared whole when full), so the glob matching runs once per new key, not per message.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import fnmatch
 import pathlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedgate.configtree import bounds, build, load_toml
 from fedgate.errors import ConfigError
@@ -53,10 +57,12 @@ __all__ = [
     "FeatureRange",
     "GlobalsPolicy",
     "MessageRule",
+    "PolicyCache",
     "load_policy",
     "policy_from_data",
 ]
 
+K_CACHE_ENTRIES = 65536  # memoized answers per PolicyCache table
 K_DEFAULT_KEY_BITS = (1024, 2048, 3072, 4096)  # bits: FATE's minimum (1024) and the usual sizes above it
 
 # FATE 2.2's own receive-side allow list outside ``fate.``/``fate_utils.`` (TableRemotePersistentUnpickler).
@@ -215,6 +221,58 @@ class AuditPolicy:
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ConfigError("rule names repeat", path="rules", source=source)
+
+
+class PolicyCache:
+    """Memoized answers of one (immutable) policy; see rule 4. Not thread-safe: one per chain."""
+
+    __slots__ = ("_algorithms", "_globals", "_messages", "_rules", "policy")
+
+    def __init__(self, policy: AuditPolicy) -> None:
+        self.policy = policy
+        self._rules: dict[tuple[str, str, str, str], MessageRule] = {}
+        self._algorithms: dict[str, AlgorithmRule | None] = {}
+        self._messages: dict[tuple[str, str], bool] = {}
+        self._globals: dict[tuple[str, str], str | None] = {}
+
+    def rule_for(self, *, session: str, src: str, dst: str, message: str) -> MessageRule:
+        key = (session, src, dst, message)
+        rule = self._rules.get(key)
+        if rule is None:
+            rule = self.policy.rule_for(session=session, src=src, dst=dst, message=message)
+            _bounded(self._rules)[key] = rule
+        return rule
+
+    def algorithm_for(self, session: str) -> AlgorithmRule | None:
+        try:
+            return self._algorithms[session]
+        except KeyError:
+            algo = _bounded(self._algorithms)[session] = self.policy.algorithm_for(session)
+            return algo
+
+    def message_allowed(self, algo: AlgorithmRule, message: str) -> bool:
+        """Whether ``message`` matches one of ``algo``'s message globs."""
+        key = (algo.name, message)
+        allowed = self._messages.get(key)
+        if allowed is None:
+            allowed = any(fnmatch.fnmatchcase(message, p) for p in algo.messages)
+            _bounded(self._messages)[key] = allowed
+        return allowed
+
+    def global_verdict(self, module: str, name: str) -> str | None:
+        """:meth:`GlobalsPolicy.verdict`, memoized."""
+        key = (module, name)
+        try:
+            return self._globals[key]
+        except KeyError:
+            why = _bounded(self._globals)[key] = self.policy.globals.verdict(module, name)
+            return why
+
+
+def _bounded(table: dict[Any, Any]) -> dict[Any, Any]:
+    if len(table) >= K_CACHE_ENTRIES:
+        table.clear()
+    return table
 
 
 def policy_from_data(data: object, *, source: str = "") -> AuditPolicy:
