@@ -139,13 +139,17 @@ class PayloadInspector:
     def _osx(self, env: Envelope, *, now: float) -> Inspection:
         events: list[Event] = []
         base = ("osx", env.session_id, env.src_party, env.dst_party)
+        fields = _osx_message(env.payload)
+        if fields is None:
+            try:
+                msg = osx_pb2.Message.FromString(env.payload)
+            except DecodeError as exc:
+                events.append(Malformed("osx", f"not an org.ppc.ptp.Message: {exc}"))
+                return Inspection("osx", "", "", "opaque", base, None, tuple(events))
+            fields = (msg.head, memoryview(msg.body))
+        raw_head, body = fields
         try:
-            msg = osx_pb2.Message.FromString(env.payload)
-        except DecodeError as exc:
-            events.append(Malformed("osx", f"not an org.ppc.ptp.Message: {exc}"))
-            return Inspection("osx", "", "", "opaque", base, None, tuple(events))
-        try:
-            head = json.loads(msg.head) if msg.head else {}
+            head = _json_head(raw_head) if raw_head else {}
             if not isinstance(head, dict):
                 raise ValueError("not a JSON object")
         except ValueError as exc:  # UnicodeDecodeError included
@@ -156,15 +160,16 @@ class PayloadInspector:
         tag = str(head.get("correlation_id", ""))
         name = object_name(raw_name)
         key = (*base, name, tag)
-        body = msg.body
         if head.get("content_type") == "application/json":
             split = raw_name.endswith("__table_persistent_split__")
-            self._table(_json_pairs(body, events), key if split else None, events, now=now)
+            self._table(_json_pairs(bytes(body), events), key if split else None, events, now=now)
             return Inspection("osx", name, tag, "split_slice" if split else "table", key, None, tuple(events))
         form, size = self._fate_object(body, key, events)
         return Inspection("osx", name, tag, form, key, size, tuple(events))
 
-    def _fate_object(self, body: bytes, key: tuple[str, ...], events: list[Event]) -> tuple[Form, int | None]:
+    def _fate_object(
+        self, body: bytes | memoryview, key: tuple[str, ...], events: list[Event]
+    ) -> tuple[Form, int | None]:
         if not body:
             events.append(Malformed("fate", "empty object bytes"))
             return "opaque", None
@@ -193,7 +198,7 @@ class PayloadInspector:
                 continue
             self._piece(("split", *split_key), index, piece, events, now=now)
 
-    def _walk_whole(self, data: bytes, *, skip: int = 0) -> list[Event]:
+    def _walk_whole(self, data: bytes | memoryview, *, skip: int = 0) -> list[Event]:
         walker = PickleWalker(limits=self._limits.pickle)
         walker.feed(data, skip=skip)
         walker.close()
@@ -324,6 +329,56 @@ class PayloadInspector:
             if now - assembly.last_seen <= self._limits.idle_timeout_s:
                 break
             self._drop(akey, f"idle for more than {self._limits.idle_timeout_s:g} s")
+
+
+_OSX_TAGS = {0x0A: 0, 0x12: 1, 0x1A: 2}  # Message fields 1 msgId (string), 2 head, 3 body: length-delimited
+
+
+def _osx_message(payload: bytes) -> tuple[bytes, memoryview] | None:
+    """(head, body view) of a serialized ``org.ppc.ptp.Message``, read without copying the body.
+
+    Only the plain shape is read here: nothing but fields 1-3, each length-delimited (a repeated one:
+    the last wins, as protobuf does), an ASCII ``msgId``, every length within the bytes. Anything else
+    (other fields or wire types, a truncated field, a non-ASCII ``msgId``) returns None, and the
+    caller lets protobuf parse it (``Message.FromString``), so both agree on every input.
+    """
+    spans = [(0, 0), (0, 0), (0, 0)]
+    pos, size = 0, len(payload)
+    while pos < size:
+        field = _OSX_TAGS.get(payload[pos])
+        if field is None:
+            return None
+        pos += 1
+        length = shift = 0
+        while True:
+            if pos >= size or shift > 28:
+                return None
+            byte = payload[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        end = pos + length
+        if end > size:
+            return None
+        spans[field] = (pos, end)
+        pos = end
+    (id_start, id_end), (head_start, head_end), (body_start, body_end) = spans
+    if not payload[id_start:id_end].isascii():
+        return None
+    return payload[head_start:head_end], memoryview(payload)[body_start:body_end]
+
+
+_JSON_DECODE = json.JSONDecoder().decode  # what json.loads uses for a str without hooks
+
+
+def _json_head(raw: bytes) -> object:
+    """``json.loads(raw)``: a head that starts with ``{`` and a non-NUL byte is UTF-8 by json's own
+    ``detect_encoding`` rule, so it is decoded directly; anything else goes through ``json.loads``."""
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return _JSON_DECODE(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
 
 
 def _json_pairs(body: bytes, events: list[Event]) -> list[tuple[bytes, bytes]]:

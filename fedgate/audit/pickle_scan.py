@@ -30,6 +30,8 @@ from __future__ import annotations
 import io
 import pickletools
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -41,9 +43,24 @@ __all__ = ["PickleLimits", "PickleWalker", "decode_bincode_modulus"]  # decode_b
 
 K_SNIFF = 10  # bytes of a long argument kept to recognise safetensors
 _BININT1_RUN = re.compile(rb"(?:K.)+", re.DOTALL)  # consecutive BININT1 opcodes with their byte
+_NEWLINE = re.compile(rb"\n")  # bytes.find(b"\n", pos) that also works on a memoryview
 
 _OP_TABLE: tuple[pickletools.OpcodeInfo | None, ...] = tuple(
     next((op for op in pickletools.opcodes if ord(op.code) == code), None) for code in range(256)
+)
+# Fixed-width arguments (BININT, BININT2, BINFLOAT, LONG_BINGET/PUT, EXT2/4, FRAME) decoded in place with the
+# same struct formats as pickletools' readers (read_int4 "<i", read_uint2 "<H", read_uint4 "<I",
+# read_uint8 "<Q", read_float8 ">d"); any other reader goes through _read.
+_FIXED_FORMATS: dict[Callable[..., Any], struct.Struct] = {
+    pickletools.read_int4: struct.Struct("<i"),
+    pickletools.read_uint2: struct.Struct("<H"),
+    pickletools.read_uint4: struct.Struct("<I"),
+    pickletools.read_uint8: struct.Struct("<Q"),
+    pickletools.read_float8: struct.Struct(">d"),
+}
+_FIXED_READ: tuple[struct.Struct | None, ...] = tuple(
+    _FIXED_FORMATS.get(op.arg.reader) if op is not None and op.arg is not None and op.arg.n > 1 else None
+    for op in _OP_TABLE
 )
 _BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
 _STR_OPS = frozenset(
@@ -119,12 +136,14 @@ class PickleWalker:
         if self._state == "error":
             return
         # a whole pickle in one piece (the common case) is walked in place, without a copy
-        buf: bytes | bytearray
+        buf: bytes | bytearray | memoryview
         if self._buf:
             self._buf += memoryview(data)[skip:]
             buf, skip = self._buf, 0
+        elif isinstance(data, bytes) or (data.format == "B" and data.ndim == 1 and data.c_contiguous):
+            buf = data  # a view of the caller's bytes (a message body) is walked in place too
         else:
-            buf = data if isinstance(data, bytes) else bytes(data)
+            buf = bytes(data)
         self._pos = skip
         try:
             if self._state == "run":
@@ -153,7 +172,7 @@ class PickleWalker:
 
     # -- the opcode loop --------------------------------------------------------------------------
 
-    def _run(self, buf: bytes | bytearray) -> None:
+    def _run(self, buf: bytes | bytearray | memoryview) -> None:
         pos = self._pos
         try:
             while self._state == "run":
@@ -184,7 +203,13 @@ class PickleWalker:
                 if n >= 0:
                     if pos + 1 + n > len(buf):
                         return
-                    value = buf[pos + 1] if n == 1 else self._read(op, bytes(buf[pos + 1 : pos + 1 + n]))
+                    value: Any
+                    if n == 1:
+                        value = buf[pos + 1]
+                    else:
+                        fixed = _FIXED_READ[code]
+                        value = (fixed.unpack_from(buf, pos + 1)[0] if fixed is not None
+                                 else self._read(op, bytes(buf[pos + 1 : pos + 1 + n])))
                     pos += 1 + n
                     self._dispatch(op.name, value)
                     continue
@@ -192,12 +217,12 @@ class PickleWalker:
                     lines = 2 if arg.name == "stringnl_noescape_pair" else 1
                     end = pos + 1
                     for _ in range(lines):
-                        nl = buf.find(b"\n", end)
-                        if nl < 0:
+                        found = _NEWLINE.search(buf, end)
+                        if found is None:
                             if len(buf) - pos > self._limits.max_line_bytes:
                                 self._limit("line", f"{op.name} argument longer than {self._limits.max_line_bytes}")
                             return
-                        end = nl + 1
+                        end = found.end()
                     value = self._read(op, bytes(buf[pos + 1 : end]))
                     pos = end
                     self._dispatch(op.name, value)
@@ -233,7 +258,7 @@ class PickleWalker:
         finally:
             self._pos = pos  # feed() drops what was consumed
 
-    def _stream(self, buf: bytes | bytearray, pos: int) -> int:
+    def _stream(self, buf: bytes | bytearray | memoryview, pos: int) -> int:
         """Consume as much of the long argument as is buffered; returns the new position."""
         take = min(self._stream_left, len(buf) - pos)
         if take <= 0:

@@ -125,3 +125,77 @@ def test_payload_inspector_survives_garbage(data: bytes, protocol: str) -> None:
     inspector.inspect(osx_envelope("x", fate_inline(data)), now=0.0)
     inspector.inspect(osx_envelope("x__table_persistent_split__", data, content_type="application/json"), now=0.0)
     assert inspector.pending_bytes >= 0
+
+
+# -- the fast paths agree with the reference paths ------------------------------------------------------
+
+
+@K_FUZZ
+@given(st.sampled_from(range(len(SEEDS))), st.binary(max_size=64), st.binary(max_size=64))
+def test_a_walk_over_a_view_gives_the_same_events(seed: int, before: bytes, after: bytes) -> None:
+    """A message body is walked as a view of the payload, in place; the events are those of its bytes."""
+    data = SEEDS[seed]
+    whole = before + data + after
+    view = memoryview(whole)[len(before) : len(before) + len(data)]
+    walker = PickleWalker(limits=K_SMALL_LIMITS)
+    walker.feed(view)
+    walker.close()
+    assert walker.events() == _walk(data)
+
+
+def _reference_osx(payload: bytes) -> tuple[bytes, bytes] | None:
+    from google.protobuf.message import DecodeError
+
+    from fedgate.proxy.protos import osx_pb2
+
+    try:
+        msg = osx_pb2.Message.FromString(payload)
+    except DecodeError:
+        return None
+    return msg.head, msg.body
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    length, out = len(value), bytearray()
+    while True:
+        out.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            return bytes([tag]) + bytes(out) + value
+
+
+@K_FUZZ
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0x0A, 0x12, 0x1A, 0x08, 0x22, 0x0B, 0x1D]), st.binary(max_size=300)), max_size=6
+    ),
+    st.integers(0, 400),
+    st.binary(max_size=8),
+)
+def test_the_plain_osx_reader_agrees_with_protobuf(fields: list[tuple[int, bytes]], cut: int, tail: bytes) -> None:
+    from fedgate.audit.payload import _osx_message
+
+    payload = b"".join(_field(tag, value) for tag, value in fields)
+    for data in (payload, payload[: max(0, len(payload) - cut)], payload + tail):
+        fast = _osx_message(data)
+        if fast is not None:  # None: the caller asks protobuf instead
+            assert (fast[0], bytes(fast[1])) == _reference_osx(data)
+
+
+@K_FUZZ
+@given(st.binary(max_size=300))
+def test_the_json_head_reader_agrees_with_json_loads(head: bytes) -> None:
+    import json
+
+    from fedgate.audit.payload import _json_head
+
+    for raw in (head, b"{" + head, b'{"message_id": "x"}', b"{\x00\x00\x00"):
+        try:
+            expected: object = json.loads(raw)
+        except ValueError as exc:
+            expected = type(exc)
+        try:
+            got: object = _json_head(raw)
+        except ValueError as exc:
+            got = type(exc)
+        assert got == expected
