@@ -338,7 +338,7 @@ def _osx_message(payload: bytes) -> tuple[bytes, memoryview] | None:
     """(head, body view) of a serialized ``org.ppc.ptp.Message``, read without copying the body.
 
     Only the plain shape is read here: nothing but fields 1-3, each length-delimited (a repeated one:
-    the last wins, as protobuf does), an ASCII ``msgId``, every length within the bytes. Anything else
+    the last wins, as protobuf does), every ``msgId`` ASCII, every length within the bytes. Anything else
     (other fields or wire types, a truncated field, a non-ASCII ``msgId``) returns None, and the
     caller lets protobuf parse it (``Message.FromString``), so both agree on every input.
     """
@@ -360,13 +360,11 @@ def _osx_message(payload: bytes) -> tuple[bytes, memoryview] | None:
                 break
             shift += 7
         end = pos + length
-        if end > size:
+        if end > size or (field == 0 and not payload[pos:end].isascii()):  # protobuf checks every msgId
             return None
         spans[field] = (pos, end)
         pos = end
-    (id_start, id_end), (head_start, head_end), (body_start, body_end) = spans
-    if not payload[id_start:id_end].isascii():
-        return None
+    _, (head_start, head_end), (body_start, body_end) = spans
     return payload[head_start:head_end], memoryview(payload)[body_start:body_end]
 
 

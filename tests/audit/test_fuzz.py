@@ -176,7 +176,7 @@ def test_the_plain_osx_reader_agrees_with_protobuf(fields: list[tuple[int, bytes
     from fedgate.audit.payload import _osx_message
 
     payload = b"".join(_field(tag, value) for tag, value in fields)
-    for data in (payload, payload[: max(0, len(payload) - cut)], payload + tail):
+    for data in (payload, payload[: max(0, len(payload) - cut)], payload + tail, tail + payload, tail):
         fast = _osx_message(data)
         if fast is not None:  # None: the caller asks protobuf instead
             assert (fast[0], bytes(fast[1])) == _reference_osx(data)
