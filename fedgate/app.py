@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,20 +63,26 @@ K_GAUGE_INTERVAL = 1.0  # seconds between store gauge refreshes and watchdog pin
 
 
 def _audit_hooks(
-    chain: AuditChain, ledger: LedgerWriter | None
-) -> tuple[Inspector, InboundHook, RejectedHook]:
-    """The audit chain and ledger as the dispatcher's and the link's hooks."""
+    chain: AuditChain, ledger: LedgerWriter | None, *, ack_after_commit: bool
+) -> tuple[Inspector, InboundHook, RejectedHook, Callable[[], Awaitable[None]] | None]:
+    """The audit chain and ledger as the dispatcher's and the link's hooks, and the ledger's commit
+    barrier (None unless ``ack_after_commit``): the front awaits it per message before it answers; the
+    link receiver once per delivery batch, before it stores and acknowledges (group commit)."""
+    synced = ledger.synced if ledger is not None and ack_after_commit else None
 
     def audit(envelope: Envelope, direction: DispatchDirection) -> Reject | None:
         way: Direction = "out" if direction == "outbound" else "in"
-        result = chain.inspect(envelope, way, now=time.time())
+        now = time.time()
+        result = chain.inspect(envelope, way, now=now)
         if ledger is not None:
             verdict, rule = result.ledger_verdict
-            ledger.record(envelope, way, verdict, rule, now=time.time())
+            ledger.record(envelope, way, verdict, rule, now=now)
         return result.verdict if isinstance(result.verdict, Reject) else None
 
     async def inspect(envelope: Envelope, direction: DispatchDirection) -> None:
         reject = audit(envelope, direction)
+        if synced is not None:
+            await synced()
         if reject is not None:
             raise RejectedError(reject.rule, reject.detail)
 
@@ -90,7 +97,7 @@ def _audit_hooks(
         if ledger is not None:
             ledger.record(item.envelope, "out", "peer-reject", rejection.rule, now=time.time())
 
-    return inspect, on_inbound, on_rejected
+    return inspect, on_inbound, on_rejected, synced
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,7 @@ class Gateway:
             inspect: Inspector | None = None
             on_inbound: InboundHook | None = None
             on_rejected: RejectedHook | None = None
+            inbound_synced: Callable[[], Awaitable[None]] | None = None
             ledger: LedgerWriter | None = None
             if audit.enabled:
                 from fedgate.audit.chain import AuditChain
@@ -165,9 +173,11 @@ class Gateway:
                 if audit.ledger:
                     ledger = LedgerWriter.from_config(audit)
                     stack.push_async_callback(ledger.aclose)
-                inspect, on_inbound, on_rejected = _audit_hooks(chain, ledger)
+                inspect, on_inbound, on_rejected, inbound_synced = _audit_hooks(
+                    chain, ledger, ack_after_commit=audit.ledger_ack_after_commit)
             links = self.links = LinkManager(config, store=store, router=reloader.router, registry=self.registry,
-                                             on_inbound=on_inbound, on_rejected=on_rejected)
+                                             on_inbound=on_inbound, on_rejected=on_rejected,
+                                             inbound_synced=inbound_synced)
             stack.push_async_callback(links.aclose)
             dispatcher = Dispatcher(
                 party_ids=config.gateway.party_ids, store=store, router=reloader.router, forwarder=forwarder,

@@ -57,5 +57,9 @@ class AuditConfig:
     """Most records written in one SQLite transaction."""
     ledger_commit_interval_s: float = field(default=0.05, metadata=bounds(ge=0, le=10))
     """Seconds the ledger writer waits after a record for more to share its transaction."""
+    ledger_ack_after_commit: bool = True
+    """Acknowledge a message (answer the push, ack the link frame) only once its ledger record is
+    committed (group commit); false: the record is queued before the message is stored or forwarded
+    and committed within ``ledger_commit_interval_s``, so a crash can lose the last records."""
     ledger_synchronous: Literal["full", "normal"] = "normal"
     """SQLite ``synchronous`` level of the ledger; ``full`` survives power loss."""

@@ -16,11 +16,18 @@ Rules of this module:
    ``checkpoint_interval_s`` passed with unsigned entries, and on :meth:`aclose`.
 4. A failed SQLite write ends :meth:`run` with the exception (the task group sees it); nothing is
    retried silently.
+5. Durability for acknowledgements: :meth:`synced` waits until every record queued before the call
+   is committed (group commit: a waiting caller cuts the ``commit_interval_s`` gathering short, and
+   the records that arrive while one transaction commits share the next). The gateway awaits it
+   before it acknowledges a message (``[audit] ledger_ack_after_commit``). Committed means in the
+   WAL: it survives a crash of the process; with ``ledger_synchronous = "full"`` a power loss too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +39,7 @@ from fedgate.audit.config import AuditConfig
 from fedgate.audit.keys import load_signing_key
 from fedgate.audit.ledger_core import HashChain, LedgerEntry, LedgerRecord, record_for, sign_checkpoint
 from fedgate.audit.ledger_store import LedgerStore
-from fedgate.errors import StoreFullError
+from fedgate.errors import LocalError, StoreFullError
 from fedgate.proxy.envelope import Envelope
 
 __all__ = ["LedgerWriter"]
@@ -79,6 +86,11 @@ class LedgerWriter:
         self._chain: HashChain | None = None
         self._unsigned = 0
         self._last_checkpoint = 0.0
+        self._recorded = 0  # records queued so far (numbered in queue order)
+        self._durable = 0  # records committed so far (always a prefix of the queued ones)
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._hurry = asyncio.Event()  # set by synced(): stop gathering, commit now
+        self._failed: BaseException | None = None
         self.written = 0
         """Entries written by this writer."""
 
@@ -119,10 +131,43 @@ class LedgerWriter:
             self._queue.put_nowait(item)
         except asyncio.QueueFull as exc:
             raise StoreFullError(f"audit ledger queue is full ({self._queue.maxsize} records)") from exc
+        self._recorded += 1
 
     async def append(self, record: LedgerRecord) -> None:
         """Queue a record, waiting while the queue is full."""
         await self._queue.put(record)
+        self._recorded += 1
+
+    async def synced(self) -> None:
+        """Wait until every record queued so far is committed (rule 5; needs :meth:`run` running).
+
+        Raises :class:`~fedgate.errors.LocalError` when the write failed (the writer is down).
+        """
+        if self._failed is not None:
+            raise LocalError(f"audit ledger write failed: {self._failed}")
+        target = self._recorded
+        if self._durable >= target:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, future))
+        self._hurry.set()
+        await future
+
+    def _committed(self, count: int) -> None:
+        """``count`` more records are committed: wake the callers of :meth:`synced` they satisfy."""
+        self._durable += count
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self._durable:
+            future = waiters.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        self._failed = exc
+        while self._waiters:
+            future = self._waiters.popleft()[1]
+            if not future.done():
+                future.set_exception(LocalError(f"audit ledger write failed: {exc}"))
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (needs :meth:`run` running)."""
@@ -141,8 +186,11 @@ class LedgerWriter:
             self._taken.append(first)
             count = 1
             try:
-                if self._commit_interval and self._queue.qsize() < self._batch - 1:
-                    await asyncio.sleep(self._commit_interval)  # gather more records into one transaction
+                if self._commit_interval and not self._waiters and self._queue.qsize() < self._batch - 1:
+                    # gather more records into one transaction, unless a caller waits for them (rule 5)
+                    self._hurry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self._commit_interval)
                 while count < self._batch and not self._queue.empty():
                     self._taken.append(self._queue.get_nowait())
                     count += 1
@@ -166,8 +214,14 @@ class LedgerWriter:
     async def _write(self, items: list[_Item], *, force_checkpoint: bool) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, items, force_checkpoint)
+        except asyncio.CancelledError:
+            raise  # the thread finishes the batch; aclose() writes what was not taken
+        except BaseException as exc:
+            self._fail_waiters(exc)
+            raise
         finally:
             self._unhashed -= sum(len(i.payload) for i in items if isinstance(i, _Unhashed))
+        self._committed(len(items))
 
     def _write_sync(self, items: list[_Item], force_checkpoint: bool) -> None:
         """On the writer thread: hash what is unhashed, chain, sign when due, write one transaction."""
@@ -197,5 +251,7 @@ class LedgerWriter:
             rest.append(self._queue.get_nowait())
             self._queue.task_done()
         await self._write(rest, force_checkpoint=True)
+        # a batch whose run() was cancelled mid-write was finished by the (FIFO) thread before this one
+        self._committed(self._recorded - self._durable)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._store.close)
         self._executor.shutdown(wait=True)

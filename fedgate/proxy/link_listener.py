@@ -13,7 +13,9 @@ Rules of this module:
 4. The ``on_inbound`` hook (the audit chain) sees each complete message before it is delivered.
    Returning a :class:`Rejection` is final: the message is not stored, the sender is told
    (ACK ``r``) and drops it from its outbox; the hook is where it gets recorded (ledger). A resent
-   copy meets the same hook again, so a deterministic policy gives the same answer.
+   copy meets the same hook again, so a deterministic policy gives the same answer. When
+   ``inbound_synced`` is given (the ledger's commit barrier), it is awaited once per delivery batch,
+   after the hook saw the batch and before anything of it is stored or acknowledged.
 5. A newer connection from the same party replaces the older one (``replaced``), except a probe
    (HELLO capability ``probe``, sent by ``fedgate doctor``), which never carries messages.
 6. A message the store can never take (MessageTooLargeError) is rejected (rule ``store-limits``),
@@ -90,7 +92,9 @@ class LinkListener:
         self, *, params: LinkParams, inbox: Inbox, allow: Callable[[str], bool],
         on_inbound: InboundHook | None = None, metrics: LinkMetrics | None = None,
         retry_initial_s: float = 0.05, retry_max_s: float = 1.0,
+        inbound_synced: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._inbound_synced = inbound_synced
         self.params = params
         self._inbox = inbox
         self._batch_inbox = inbox if isinstance(inbox, InboxBatch) else None
@@ -277,6 +281,8 @@ class _InboundSession:
             while lane:
                 batch = list(itertools.islice(lane, K_LANE_BATCH))
                 verdicts = [await hook(env) if hook else None for env, _ in batch]
+                if listener._inbound_synced is not None:
+                    await listener._inbound_synced()  # what the hook recorded is durable before any ack
                 outcomes = iter(await self._deliver([env for (env, _), v in zip(batch, verdicts) if v is None]))
                 for (envelope, charge), verdict in zip(batch, verdicts):
                     outcome = next(outcomes) if verdict is None else None

@@ -83,8 +83,10 @@ class LinkManager:
         registry: CollectorRegistry,
         on_inbound: InboundHook | None = None,
         on_rejected: RejectedHook | None = None,
+        inbound_synced: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._config = config
+        self._inbound_synced = inbound_synced
         self._store = store
         self._router = router
         self._metrics = LinkMetrics(registry)
@@ -135,7 +137,8 @@ class LinkManager:
                         "or link.insecure = true for a trusted lab; outbound link messages wait in the outbox")
         else:
             self._listener = LinkListener(params=self._params, inbox=self._store, allow=self._allowed,
-                                          on_inbound=self._on_inbound, metrics=self._metrics)
+                                          on_inbound=self._on_inbound, inbound_synced=self._inbound_synced,
+                                          metrics=self._metrics)
             host, port = parse_hostport(self._config.link.listen, path="link.listen")
             await self._listen("tcp", host, port)
             if self._config.link.quic:

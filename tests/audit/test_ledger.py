@@ -18,7 +18,7 @@ from fedgate.audit.cli import main, reconcile
 from fedgate.audit.keys import load_public_key, load_signing_key
 from fedgate.audit.ledger_core import Checkpoint, LedgerEntry, record_for, sign_checkpoint
 from fedgate.audit.ledger_writer import K_HASH_IN_WRITER
-from fedgate.errors import ConfigError, StoreFullError
+from fedgate.errors import ConfigError, LocalError, StoreFullError
 from fedgate.proxy.envelope import Envelope
 
 
@@ -323,3 +323,60 @@ def test_entry_hash_is_the_canonical_json_of_the_record() -> None:
     canonical = json.dumps([K_VERSION, 3, "ab" * 32, dataclasses.asdict(record)], sort_keys=True,
                            separators=(",", ":"), ensure_ascii=True).encode()
     assert entry_hash(3, "ab" * 32, record) == hashlib.sha256(canonical).hexdigest()
+
+
+def test_synced_returns_once_the_records_are_committed_without_waiting_for_the_gathering(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Group commit: a caller of synced() cuts the commit interval short; what it waited for is on disk."""
+    key = Ed25519PrivateKey.generate()
+
+    def on_disk() -> list[str]:
+        store = LedgerStore(tmp_path / "l.db", readonly=True)
+        try:
+            return [e.record.message_id for e in store.entries()]
+        finally:
+            store.close()
+
+    async def scenario() -> None:
+        writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), key, commit_interval_s=60.0)
+        task = asyncio.create_task(writer.run())
+        await writer.synced()  # nothing queued: returns at once
+        for i in (1, 2, 3):
+            writer.record(envelope(i), "out", "accept", "", now=float(i))
+        await asyncio.wait_for(writer.synced(), timeout=10)  # not the 60 s gathering
+        assert on_disk() == ["m1", "m2", "m3"]
+        writer.record(envelope(4), "in", "accept", "", now=4.0)
+        waiters = [asyncio.ensure_future(writer.synced()) for _ in range(3)]
+        writer.record(envelope(5), "in", "accept", "", now=5.0)
+        await asyncio.wait_for(writer.synced(), timeout=10)
+        assert all(w.done() for w in waiters)
+        assert on_disk() == ["m1", "m2", "m3", "m4", "m5"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    assert verify(tmp_path / "l.db", key) == (True, None, "ok")
+
+
+def test_synced_fails_when_the_write_fails(tmp_path: pathlib.Path) -> None:
+    class BrokenStore(LedgerStore):
+        def append(self, entries: Sequence[LedgerEntry], checkpoint: Checkpoint | None = None) -> None:
+            if entries:
+                raise sqlite3.OperationalError("disk I/O error")
+            super().append(entries, checkpoint)
+
+    async def scenario() -> None:
+        writer = LedgerWriter(BrokenStore(tmp_path / "l.db"), Ed25519PrivateKey.generate())
+        task = asyncio.create_task(writer.run())
+        writer.record(envelope(1), "out", "accept", "", now=1.0)
+        with pytest.raises(LocalError):
+            await asyncio.wait_for(writer.synced(), timeout=10)  # the message is never acknowledged
+        with pytest.raises(sqlite3.OperationalError):
+            await task
+        with pytest.raises(LocalError):
+            await writer.synced()
+
+    asyncio.run(scenario())
