@@ -57,9 +57,13 @@ class AuditConfig:
     """Most records written in one SQLite transaction."""
     ledger_commit_interval_s: float = field(default=0.05, metadata=bounds(ge=0, le=10))
     """Seconds the ledger writer waits after a record for more to share its transaction."""
-    ledger_ack_after_commit: bool = True
-    """Acknowledge a message (answer the push, ack the link frame) only once its ledger record is
-    committed (group commit); false: the record is queued before the message is stored or forwarded
-    and committed within ``ledger_commit_interval_s``, so a crash can lose the last records."""
+    ledger_ack_after_commit: bool = False
+    """Acknowledge a message (answer the push, ack the link frames) only once its ledger record is
+    committed (group commit). Off (the default): the record is queued in memory before the message is
+    stored or forwarded and committed within ``ledger_commit_interval_s``; a clean stop writes every
+    queued record, but a crash (kill -9, power loss) can lose the records of the messages handled in
+    that last interval (``fedgate audit reconcile`` then lists them as never recorded on this side).
+    On costs about one SQLite transaction per acknowledged message at low concurrency
+    (``fedgate bench audit --modes off,acked``)."""
     ledger_synchronous: Literal["full", "normal"] = "normal"
     """SQLite ``synchronous`` level of the ledger; ``full`` survives power loss."""

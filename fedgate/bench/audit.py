@@ -1,24 +1,29 @@
 """``fedgate bench audit``: what the audit chain and ledger cost the gateways on ``fedgate bench proxy``.
 
-Runs the proxy benchmark's two real gateway processes (``fedgate bench proxy``: one gateway, the OSX
-gRPC hop, the fedgate TCP link; 1 KiB and 1 MiB FATE-shaped messages, the default audit policy) in
-three modes, interleaved round by round (the order rotates each round):
+Runs the proxy benchmark's real gateway processes and cases (``fedgate bench proxy``: one gateway, the
+OSX gRPC hop, the fedgate TCP link; 1 KiB and 1 MiB FATE-shaped messages that the default audit
+policy passes) with three gateway pairs side by side, one per mode:
 
 * ``off``: ``[audit] enabled = false``;
 * ``chain``: the filter chain on every message, the ledger off;
-* ``on``: the chain and the ledger (every message hashed, chained and written).
+* ``on``: the chain and the ledger (every message hashed, chained and committed in batches): the
+  shipped ``[audit]`` defaults;
+* ``acked`` (only when named in ``--modes``): ``on`` with ``ledger_ack_after_commit = true``, a
+  message acknowledged only once its ledger record is committed.
 
-The figure is the gateways' CPU time per message: ``utime + stime`` of both gateway processes (all
-their threads) from ``/proc/<pid>/stat``, read just before and just after each measured case, so
-start-up, route reloads and the warm-up messages are not counted; divided by the messages of the case.
+Every case (path, size) is measured in each mode back to back, ``--rounds`` times, the order of the
+modes rotating each round, so that the modes of one round meet the same load on a shared machine.
+The figure is the gateways' CPU time per message: ``utime + stime`` of both gateway processes of the
+mode (all threads) from ``/proc/<pid>/stat``, read just before and after each case, so start-up,
+route reloads, warm-up and the other modes' work are not counted; divided by the case's messages.
 Unlike msg/s, CPU time stays meaningful on a machine shared with other jobs. Each round gives one
-ratio per mode against the ``off`` run of the same round; the table shows the median over rounds and
-the spread (min..max) of the per-message figures and of those paired ratios.
+ratio per mode against that round's ``off`` figure; the table shows the median over rounds and the
+spread (min..max) of the per-message figures and of those paired ratios.
 
-``--micro`` runs the per-message micro-benchmark of the chain and the ledger instead
-(``fedgate.audit.bench``: in-process, no gateways).
+``--micro`` runs the in-process per-message micro-benchmark of the chain and the ledger instead
+(``fedgate.audit.bench``: no gateways).
 
-Rules: an adapter (processes, clocks, /proc); Linux only (``/proc``).
+Rules: an adapter (processes, clocks, /proc); Linux only.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ import pathlib
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fedgate.bench import proxy as bench_proxy
 
 __all__ = ["main"]
 
-K_MODES = ("off", "chain", "on")
+K_MODES = ("off", "chain", "on", "acked")
+K_DEFAULT_MODES = ("off", "chain", "on")
 K_PATHS = (("one gateway", ""), ("two, grpc hop", "grpc"), ("two, tcp link", "tcp"))
 K_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -81,6 +87,8 @@ class _Sample:
     main: float = 0.0
     other: float = 0.0
     messages: int = 0
+    rate: float = 0.0
+    """msg/s of the case (wall clock; noisy on a shared machine)."""
 
     def add(self, before: dict[str, float], after: dict[str, float], messages: int) -> None:
         for name in ("user", "system", "main", "other"):
@@ -105,7 +113,7 @@ def _snapshot(pids: Sequence[int]) -> dict[str, float]:
 
 @dataclass(slots=True)
 class _Run:
-    """One gateway pair in one mode: CPU per (size label, path)."""
+    """The figures of one mode in one round: CPU per (size label, path)."""
 
     mode: str
     cases: dict[tuple[str, str], _Sample] = field(default_factory=dict)
@@ -120,41 +128,70 @@ class _Run:
         return out
 
 
-def _one_run(mode: str, counts: dict[str, int], *, concurrency: int, warmup: int) -> _Run:
-    run = _Run(mode)
-    with (tempfile.TemporaryDirectory(prefix="fedgate-bench-audit-") as tmp,
-          bench_proxy._gateways(pathlib.Path(tmp), audit=mode) as (a, b, use)):
-        pids = _children()
-        if len(pids) != 2:
-            raise SystemExit(f"bench audit: expected 2 gateway processes, found {pids}")
-        for path, transport in K_PATHS:
-            pop_port, target = (a, "9999") if not transport else (b, "10000")
-            if transport:
-                use(transport)
-            if warmup:
-                asyncio.run(bench_proxy._run_case(a, pop_port, target=target, path=path, size=1024, count=warmup,
-                                                  concurrency=concurrency))
-            for label, size in bench_proxy.K_SIZES.items():
-                before = _snapshot(pids)
-                result = asyncio.run(bench_proxy._run_case(a, pop_port, target=target, path=path, size=size,
-                                                           count=counts[label], concurrency=concurrency))
-                after = _snapshot(pids)
-                sample = run.cases.setdefault((label, path), _Sample())
-                sample.add(before, after, result.messages)
-                run.rates[(label, path)] = result.msg_per_s
-    return run
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """One running gateway pair (A, B) in one audit mode."""
+
+    a: int
+    b: int
+    use: Callable[[str], None]
+    pids: tuple[int, ...]
 
 
-def _retrying(mode: str, counts: dict[str, int], *, concurrency: int, warmup: int, tries: int = 3) -> _Run:
-    """One run; a run whose gateways lose or stall a message (``bench proxy`` exits) is said and redone."""
+def _case(pair: _Pair, path: str, transport: str, size: int, count: int, concurrency: int, tries: int = 3) -> _Sample:
+    """One measured case; a case whose gateways lose or stall a message (bench proxy exits) is said and redone."""
+    pop_port, target = (pair.a, "9999") if not transport else (pair.b, "10000")
     for attempt in range(1, tries + 1):
+        sample = _Sample()
+        before = _snapshot(pair.pids)
         try:
-            return _one_run(mode, counts, concurrency=concurrency, warmup=warmup)
+            result = asyncio.run(bench_proxy._run_case(pair.a, pop_port, target=target, path=path, size=size,
+                                                       count=count, concurrency=concurrency))
         except SystemExit as exc:
             if attempt == tries:
                 raise
-            print(f"run {mode} failed ({exc}); running it again", file=sys.stderr, flush=True)
+            print(f"case {path} {size} failed ({exc}); running it again", file=sys.stderr, flush=True)
+            continue
+        sample.add(before, _snapshot(pair.pids), result.messages)
+        sample.rate = result.msg_per_s
+        return sample
     raise AssertionError("unreachable")
+
+
+def _measure(modes: Sequence[str], rounds: int, counts: dict[str, int], *, concurrency: int,
+             warmup: int) -> list[_Run]:
+    """All modes' gateway pairs run side by side; every case is measured mode after mode (the order
+    rotates each round), so the modes of one round see the same load on a shared machine."""
+    runs = {(mode, i): _Run(mode) for mode in modes for i in range(rounds)}
+    with tempfile.TemporaryDirectory(prefix="fedgate-bench-audit-") as tmp, contextlib.ExitStack() as stack:
+        pairs: dict[str, _Pair] = {}
+        for mode in modes:
+            before = set(_children())
+            root = pathlib.Path(tmp) / mode
+            root.mkdir()
+            a, b, use = stack.enter_context(bench_proxy._gateways(root, audit=mode))
+            pids = tuple(sorted(set(_children()) - before))
+            if len(pids) != 2:
+                raise SystemExit(f"bench audit: expected 2 new gateway processes, found {pids}")
+            pairs[mode] = _Pair(a, b, use, pids)
+        for path, transport in K_PATHS:
+            for pair in pairs.values():
+                if transport:
+                    pair.use(transport)
+                if warmup:
+                    _case(pair, path, transport, 1024, warmup, concurrency)
+            for i in range(rounds):
+                order = [*modes[i % len(modes):], *modes[: i % len(modes)]]  # no mode always runs first
+                for label, size in bench_proxy.K_SIZES.items():
+                    for mode in order:
+                        sample = _case(pairs[mode], path, transport, size, counts[label], concurrency)
+                        runs[(mode, i)].cases[(label, path)] = sample
+                        runs[(mode, i)].rates[(label, path)] = sample.rate
+                print(f"{path}: round {i + 1}/{rounds} " + "  ".join(
+                    f"{m} {runs[(m, i)].cases[('1KiB', path)].per_message_us:5.0f}/"
+                    f"{runs[(m, i)].cases[('1MiB', path)].per_message_us:6.0f}" for m in modes)
+                    + "  us/msg 1KiB/1MiB", flush=True)
+    return [runs[(mode, i)] for i in range(rounds) for mode in modes]
 
 
 def _spread(values: Sequence[float], fmt: str) -> str:
@@ -193,7 +230,7 @@ def _report(runs: list[_Run], modes: Sequence[str]) -> dict[str, object]:
             vals = {m: statistics.median(r.cases[(label, path)].per_message_us for r in by_mode[m][:rounds])
                     for m in modes}
             by_path += f"  [{path}] " + " / ".join(f"{vals[m]:.0f}" for m in modes)
-        print(by_path + "  (off / chain / on)", file=stream)
+        print(by_path + f"  ({' / '.join(modes)})", file=stream)
         summary["sizes"][label] = sizes  # type: ignore[index]
     return summary
 
@@ -206,7 +243,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="pushers and poppers (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=50,
                         help="unmeasured 1 KiB messages per path (default: %(default)s)")
-    parser.add_argument("--modes", default=",".join(K_MODES), help="modes to run (default: %(default)s)")
+    parser.add_argument("--modes", default=",".join(K_DEFAULT_MODES),
+                        help=f"modes to run, of {','.join(K_MODES)} (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--micro", action="store_true",
                         help="run the in-process per-message micro-benchmark instead (fedgate.audit.bench); "
@@ -224,15 +262,7 @@ def main(argv: Sequence[str]) -> int:
     if "off" not in modes or any(m not in K_MODES for m in modes):
         parser.error(f"--modes: a comma list of {', '.join(K_MODES)} that includes off")
     counts = {"1KiB": args.count_1k, "1MiB": args.count_1m}
-    runs: list[_Run] = []
-    for i in range(args.rounds):
-        order = modes[i % len(modes):] + modes[: i % len(modes)]  # rotate: no mode always runs first
-        for mode in order:
-            last = _retrying(mode, counts, concurrency=args.concurrency, warmup=args.warmup)
-            runs.append(last)
-            print(f"round {i + 1}/{args.rounds} {mode:<5} " + "  ".join(
-                f"{label} {last.total(label).per_message_us:6.0f} us/msg" for label in bench_proxy.K_SIZES),
-                flush=True)
+    runs = _measure(modes, args.rounds, counts, concurrency=args.concurrency, warmup=args.warmup)
     summary = _report(runs, modes)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -31,6 +31,7 @@ K_AUDIT_MODES = {  # --audit MODE: the gateways' [audit] section
     "off": "[audit]\nenabled = false\n",
     "chain": "[audit]\nenabled = true\nledger = false\n",
     "on": "[audit]\nenabled = true\nledger = true\n",
+    "acked": "[audit]\nenabled = true\nledger = true\nledger_ack_after_commit = true\n",
 }
 K_SIZES = {"1KiB": 1024, "1MiB": 1024 * 1024}
 
@@ -181,7 +182,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--audit", nargs="?", choices=list(K_AUDIT_MODES), default="off", const="on",
                         help="the audit in both gateways: off (default), chain (filters only), on (chain and "
-                        "ledger; what --audit alone means); payloads are FATE-shaped, the default policy passes them")
+                        "ledger; what --audit alone means), acked (on, and a message acknowledged only once its "
+                        "ledger record is committed); payloads are FATE-shaped, the default policy passes them")
     args = parser.parse_args(argv)
 
     results: list[_Result] = []
