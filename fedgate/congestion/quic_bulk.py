@@ -22,6 +22,8 @@ Rules of this module:
    process's CPU time over the transfer: well below 1.0 while the host is 100% busy means the QUIC
    process was starved by other work, not limited by itself).
 5. uvloop runs the event loop when it is installed.
+7. ``$FEDGATE_QUIC_BULK_TRACE=FILE``: the sender appends its controller state (one JSON line every
+   K_TRACE_EVERY seconds: state, cwnd, in flight, bandwidth model, acked bytes, CPU) for diagnosis.
 6. ``--connections N`` (default K_DEFAULT_CONNECTIONS, or $FEDGATE_QUIC_BULK_CONNECTIONS): N QUIC
    connections, one process each, on both sides; the receiver binds N SO_REUSEPORT sockets before
    forking so the kernel keeps each connection on one process. The window starts at the first accept
@@ -69,6 +71,8 @@ K_WORKER_TIMEOUT = K_ACCEPT_TIMEOUT + 30.0  # seconds to wait for a worker's res
 K_DEFAULT_CONNECTIONS = 1  # connections (processes) per side: one free core carries ~150-250 Mbit/s
 K_CONNECTIONS_ENV = "FEDGATE_QUIC_BULK_CONNECTIONS"  # overrides K_DEFAULT_CONNECTIONS (harness runs pass no flags)
 K_CONN_HELP = f"QUIC connections, one process each (default {K_DEFAULT_CONNECTIONS}, or ${K_CONNECTIONS_ENV})"
+K_TRACE_ENV = "FEDGATE_QUIC_BULK_TRACE"  # a file: the sender appends one JSON line per K_TRACE_EVERY
+K_TRACE_EVERY = 0.25  # seconds between trace lines
 K_BULK_CONFIG = {
     "max_data_bytes": 256 * K_MIB,
     "max_stream_data_bytes": 256 * K_MIB,
@@ -269,6 +273,23 @@ def _stats_json(stats: CongestionStatistics) -> dict[str, Any]:
     }
 
 
+async def _trace(channel: QuicByteChannel, path: str, t0: float) -> None:
+    """Append the controller's state every K_TRACE_EVERY seconds (startup, back-offs, stalls)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        while True:
+            s = channel.statistics()
+            line = {
+                "pid": os.getpid(),
+                "t": round(time.monotonic() - t0, 3),
+                **_stats_json(s),
+                "inflight": s.bytes_in_flight,
+                "cpu_s": round(time.process_time(), 3),
+            }
+            fh.write(json.dumps(line) + "\n")
+            fh.flush()
+            await asyncio.sleep(K_TRACE_EVERY)
+
+
 async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]:
     """Send for ``duration`` seconds (and on until the receiver closes); return the sender JSON."""
     host, port = _split(connect)
@@ -291,6 +312,8 @@ async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]
     written = 0
     error = ""
     chunk = payload
+    trace_path = os.environ.get(K_TRACE_ENV)
+    tracer = asyncio.create_task(_trace(channel, trace_path, t0)) if trace_path else None
     try:
         while time.monotonic() < deadline + K_SEND_GRACE:
             if at_deadline is None and time.monotonic() >= deadline:
@@ -306,6 +329,8 @@ async def _send_one(connect: str, *, duration: float, cc: str) -> dict[str, Any]
             written += len(chunk)
             chunk = filler
     finally:
+        if tracer is not None:
+            tracer.cancel()
         final = channel.statistics()
         await carrier.aclose()
     out = at_deadline if at_deadline is not None else {**_stats_json(final), **_cpu(cpu0, wall0)}
