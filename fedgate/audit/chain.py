@@ -20,11 +20,12 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fedgate.audit.config import AuditConfig
 from fedgate.audit.filters import (
@@ -105,23 +106,11 @@ class AuditChain:
         # one inspector per direction: a message is inspected at both ends, never twice at one
         self._inspectors = {"in": PayloadInspector(limits=limits), "out": PayloadInspector(limits=limits)}
         self._rejected: OrderedDict[tuple[str, ...], str] = OrderedDict()
-        self._messages: Counter | None = None
-        self._rejects: Counter | None = None
-        self._bytes: Counter | None = None
-        self._children: dict[tuple[str, ...], Any] = {}  # labelled counter children, resolved once each
+        # per-message counts are plain ints (no lock per increment); _Counts exposes them at scrape time
+        self._counts: _Counts | None = None
         if registry is not None:
-            self._messages = Counter(
-                "fedgate_audit_messages", "Messages audited", ["direction", "verdict"], registry=registry
-            )
-            self._rejects = Counter(
-                "fedgate_audit_rejections",
-                "Rejections by rule (mode=shadow: counted, not enforced)",
-                ["direction", "rule", "mode"],
-                registry=registry,
-            )
-            self._bytes = Counter(
-                "fedgate_audit_inspected_bytes", "Payload bytes audited", ["direction"], registry=registry
-            )
+            self._counts = _Counts()
+            registry.register(self._counts)
 
     @classmethod
     def from_config(cls, config: AuditConfig, *, registry: CollectorRegistry | None = None) -> AuditChain:
@@ -176,21 +165,41 @@ class AuditChain:
             self._rejected.popitem(last=False)
 
     def _count(self, direction: str, size: int, result: AuditResult, rejects: list[Reject]) -> None:
-        if self._messages is None or self._rejects is None or self._bytes is None:
+        counts = self._counts
+        if counts is None:
             return
-        verdict = result.ledger_verdict[0]
-        pair = self._children.get((direction, verdict))
-        if pair is None:
-            pair = self._children[(direction, verdict)] = (
-                self._messages.labels(direction, verdict), self._bytes.labels(direction))
-        pair[0].inc()
-        pair[1].inc(size)
-        mode = "shadow" if self._config.shadow else "enforce"
-        for reject in rejects:
-            key = (direction, reject.rule, mode)
-            child = self._children.get(key)
-            if child is None:
-                if len(self._children) >= 4096:  # rule names come from a fixed set; bound it anyway
-                    self._children.clear()
-                child = self._children[key] = self._rejects.labels(direction, reject.rule, mode)
-            child.inc()
+        key = (direction, result.ledger_verdict[0])
+        messages = counts.messages
+        messages[key] = messages.get(key, 0) + 1
+        counts.bytes[direction] = counts.bytes.get(direction, 0) + size
+        if rejects:
+            mode = "shadow" if self._config.shadow else "enforce"
+            for reject in rejects:
+                rkey = (direction, reject.rule, mode)
+                counts.rejects[rkey] = counts.rejects.get(rkey, 0) + 1
+
+
+class _Counts(Collector):
+    """The chain's Prometheus counters, counted in plain dicts by the event loop and read at scrape time
+    (a dict copy is atomic under the GIL): ``fedgate_audit_messages_total{direction,verdict}``,
+    ``fedgate_audit_rejections_total{direction,rule,mode}`` (mode=shadow: counted, not enforced),
+    ``fedgate_audit_inspected_bytes_total{direction}``."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[str, str], int] = {}
+        self.rejects: dict[tuple[str, str, str], int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        messages = CounterMetricFamily("fedgate_audit_messages", "Messages audited", labels=["direction", "verdict"])
+        for labels, value in self.messages.copy().items():
+            messages.add_metric(list(labels), value)
+        rejects = CounterMetricFamily("fedgate_audit_rejections",
+                                      "Rejections by rule (mode=shadow: counted, not enforced)",
+                                      labels=["direction", "rule", "mode"])
+        for rlabels, value in self.rejects.copy().items():
+            rejects.add_metric(list(rlabels), value)
+        inspected = CounterMetricFamily("fedgate_audit_inspected_bytes", "Payload bytes audited", labels=["direction"])
+        for direction, value in self.bytes.copy().items():
+            inspected.add_metric([direction], value)
+        return iter((messages, rejects, inspected))
