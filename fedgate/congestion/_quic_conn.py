@@ -34,6 +34,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 
 from fedgate.congestion import CongestionStatistics, create_controller
+from fedgate.congestion._quic_buffer import adopt
 from fedgate.congestion._quic_cc import AioquicController, install
 from fedgate.congestion._quic_tls import QuicIdentity, verify_peer
 from fedgate.congestion.config import QuicConfig
@@ -410,6 +411,8 @@ class _LinkProtocol(QuicConnectionProtocol):
             await fut
 
     def send_stream(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
+        # a chunked send buffer instead of aioquic's bytearray (see _quic_buffer)
+        adopt(self._quic._get_or_create_stream_for_send(stream_id).sender)
         self._quic.send_stream_data(stream_id, data, end_stream=end)
         self.transmit()
 
