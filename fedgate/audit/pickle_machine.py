@@ -26,7 +26,7 @@ from typing import Any
 
 from fedgate.audit.events import EncryptedTensorFound, Event, GlobalImported, KeyFound
 
-__all__ = ["Sym", "SymbolicMachine", "WalkError", "WalkLimit", "decode_bincode_modulus"]
+__all__ = ["Sym", "SymbolicMachine", "WalkError", "WalkLimit", "decode_bincode_modulus", "handler_for"]
 
 K_MAX_KEY_STATE = 1 << 16  # ints of a key's state list decoded (a 16384-bit key needs ~4,100)
 K_SEARCH_NODES = 2000  # containers/objects visited when looking for keys inside a PHETensor's state
@@ -102,15 +102,7 @@ class SymbolicMachine:
     # -- entry points -------------------------------------------------------------------------------
 
     def dispatch(self, name: str, arg: Any) -> None:
-        handler = _HANDLERS.get(name)
-        if handler is not None:
-            handler(self, arg)
-        elif name in _INT_OPS:
-            self.push(arg if type(arg) is int else Sym("const"))
-        elif name in _CONST_OPS:
-            self.push(Sym("const", arg))
-        else:
-            raise WalkError(f"unhandled opcode {name}")
+        handler_for(name)(self, arg)
 
     def push_ints(self, values: bytes) -> None:
         """A run of BININT1 opcodes: push each byte as an int (the hot path of FATE keys)."""
@@ -374,6 +366,34 @@ _HANDLERS: Mapping[str, Callable[[SymbolicMachine, Any], None]] = MappingProxyTy
     {name[4:]: fn for name, fn in vars(SymbolicMachine).items() if name.startswith("_op_")}
 )
 """Opcode name -> handler; built once from the ``_op_*`` methods (aliases included)."""
+
+
+def _push_int(machine: SymbolicMachine, arg: Any) -> None:
+    machine.push(arg if type(arg) is int else Sym("const"))
+
+
+def _push_const(machine: SymbolicMachine, arg: Any) -> None:
+    machine.push(Sym("const", arg))
+
+
+def _unhandled(name: str) -> Callable[[SymbolicMachine, Any], None]:
+    def fail(machine: SymbolicMachine, arg: Any) -> None:
+        raise WalkError(f"unhandled opcode {name}")
+
+    return fail
+
+
+def handler_for(name: str) -> Callable[[SymbolicMachine, Any], None]:
+    """What :meth:`SymbolicMachine.dispatch` does with opcode ``name`` (for callers that resolve it once
+    per opcode byte): its ``_op_*`` handler, a push of an int or a constant, or a WalkError."""
+    handler = _HANDLERS.get(name)
+    if handler is not None:
+        return handler
+    if name in _INT_OPS:
+        return _push_int
+    if name in _CONST_OPS:
+        return _push_const
+    return _unhandled(name)
 
 
 def _decode_key(scheme: str, state: Any) -> KeyFound:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from fedgate.audit.events import Event, Malformed, ScanLimit
-from fedgate.audit.pickle_machine import SymbolicMachine, WalkError, WalkLimit, decode_bincode_modulus
+from fedgate.audit.pickle_machine import SymbolicMachine, WalkError, WalkLimit, decode_bincode_modulus, handler_for
 from fedgate.audit.safetensors_scan import SafetensorsScanner, looks_like_safetensors
 
 __all__ = ["PickleLimits", "PickleWalker", "decode_bincode_modulus"]  # decode_bincode_modulus: re-export
@@ -63,6 +63,9 @@ _FIXED_READ: tuple[struct.Struct | None, ...] = tuple(
     for op in _OP_TABLE
 )
 _BYTES_OPS = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+# per opcode byte: the machine's handler (resolved once, not by name per opcode) and "is a bytes argument"
+_OP_STEP = tuple(handler_for(op.name) if op is not None else None for op in _OP_TABLE)
+_OP_BYTES = tuple(op is not None and op.name in _BYTES_OPS for op in _OP_TABLE)
 _STR_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 )
@@ -197,7 +200,7 @@ class PickleWalker:
                 arg = op.arg
                 if arg is None:
                     pos += 1
-                    self._dispatch(op.name, None)
+                    self._step(code, None)
                     continue
                 n = arg.n
                 if n >= 0:
@@ -211,7 +214,7 @@ class PickleWalker:
                         value = (fixed.unpack_from(buf, pos + 1)[0] if fixed is not None
                                  else self._read(op, bytes(buf[pos + 1 : pos + 1 + n])))
                     pos += 1 + n
-                    self._dispatch(op.name, value)
+                    self._step(code, value)
                     continue
                 if n == pickletools.UP_TO_NEWLINE:
                     lines = 2 if arg.name == "stringnl_noescape_pair" else 1
@@ -225,7 +228,7 @@ class PickleWalker:
                         end = found.end()
                     value = self._read(op, bytes(buf[pos + 1 : end]))
                     pos = end
-                    self._dispatch(op.name, value)
+                    self._step(code, value)
                     continue
                 width, signed = _LEN_PREFIX[n]
                 if pos + 1 + width > len(buf):
@@ -247,7 +250,7 @@ class PickleWalker:
                     else:
                         value = self._read(op, bytes(buf[pos + 1 : start + length]))
                     pos = start + length
-                    self._dispatch(op.name, value)
+                    self._step(code, value)
                     continue
                 if op.name not in _BYTES_OPS and op.name not in _STR_OPS:
                     self._limit("argument", f"{op.name} argument of {length} bytes")
@@ -301,13 +304,17 @@ class PickleWalker:
         except (ValueError, OverflowError, AssertionError) as exc:  # UnicodeDecodeError is a ValueError
             self._error(f"{op.name}: {exc}")
 
-    def _dispatch(self, name: str, arg: Any) -> None:
-        if name in _BYTES_OPS and looks_like_safetensors(bytes(arg[:K_SNIFF]), len(arg)):
+    def _step(self, code: int, arg: Any) -> None:
+        """One decoded opcode (by its byte) into the machine; a bytes argument is sniffed for safetensors."""
+        if _OP_BYTES[code] and looks_like_safetensors(bytes(arg[:K_SNIFF]), len(arg)):
             scanner = SafetensorsScanner(len(arg))
             scanner.feed(bytes(arg))
             self._events.extend(scanner.finish())
-        self._machine.dispatch(name, arg)  # WalkError / WalkLimit unwind to feed()
-        if self._machine.stopped:
+        machine = self._machine
+        step = _OP_STEP[code]
+        assert step is not None  # _run rejects unknown opcode bytes first
+        step(machine, arg)  # WalkError / WalkLimit unwind to feed()
+        if machine.stopped:
             self._state = "done"
             raise _Stop
 
