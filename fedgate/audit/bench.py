@@ -1,4 +1,4 @@
-"""``fedgate audit bench``: the audit chain's cost per message, as ratios against a baseline.
+"""``fedgate bench audit --micro``: the audit chain's cost per message, as ratios against a baseline.
 
 The baseline is what every proxy hop does with a message anyway: parse the OSX ``Message`` protobuf
 and hash the payload (SHA-256, the ledger's digest). The audited path is ``AuditChain.inspect``
@@ -155,7 +155,7 @@ def _per_call(fns: Sequence[Callable[[], object]], *, min_time: float) -> list[f
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedgate audit bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedgate bench audit --micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     args = parser.parse_args(list(argv))
     policy = AuditPolicy(

@@ -4,7 +4,6 @@
     fedgate audit export    --ledger var/ledger.db [--from N] [--to M] [--session S] [--out FILE]
     fedgate audit reconcile --ours A.db --theirs B.db --session S
     fedgate audit policy    conf/audit_policy.toml
-    fedgate audit bench     [--min-time S]
 
 Exit status: 0 all well; 1 the ledger is tampered with / the ledgers disagree; 2 bad usage or a file
 that cannot be read. Output is one JSON object per line (verify prints one summary line).
@@ -49,15 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True)
     p = sub.add_parser("policy", help="validate an audit policy file")
     p.add_argument("file")
-    sub.add_parser("bench", help="inspection cost per message (see fedgate/audit/bench.py)")
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    if list(argv[:1]) == ["bench"]:
-        from fedgate.audit import bench  # only this subcommand needs the benchmark's helpers
-
-        return bench.main(argv[1:])
     try:
         args = _parser().parse_args(list(argv))
     except SystemExit as exc:  # argparse exits on --help and on bad usage

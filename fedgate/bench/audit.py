@@ -132,6 +132,7 @@ class _Run:
 class _Pair:
     """One running gateway pair (A, B) in one audit mode."""
 
+    mode: str
     a: int
     b: int
     use: Callable[[str], None]
@@ -150,7 +151,8 @@ def _case(pair: _Pair, path: str, transport: str, size: int, count: int, concurr
         except SystemExit as exc:
             if attempt == tries:
                 raise
-            print(f"case {path} {size} failed ({exc}); running it again", file=sys.stderr, flush=True)
+            print(f"case {pair.mode} {path} {size} (gateways {pair.pids}) failed ({exc}); running it again",
+                  file=sys.stderr, flush=True)
             continue
         sample.add(before, _snapshot(pair.pids), result.messages)
         sample.rate = result.msg_per_s
@@ -173,7 +175,7 @@ def _measure(modes: Sequence[str], rounds: int, counts: dict[str, int], *, concu
             pids = tuple(sorted(set(_children()) - before))
             if len(pids) != 2:
                 raise SystemExit(f"bench audit: expected 2 new gateway processes, found {pids}")
-            pairs[mode] = _Pair(a, b, use, pids)
+            pairs[mode] = _Pair(mode, a, b, use, pids)
         for path, transport in K_PATHS:
             for pair in pairs.values():
                 if transport:
@@ -236,6 +238,10 @@ def _report(runs: list[_Run], modes: Sequence[str]) -> dict[str, object]:
 
 
 def main(argv: Sequence[str]) -> int:
+    if "--micro" in argv:
+        from fedgate.audit import bench as micro
+
+        return micro.main([a for a in argv if a != "--micro"])
     parser = argparse.ArgumentParser(prog="fedgate bench audit", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of off/chain/on (default: %(default)s)")
     parser.add_argument("--count-1k", type=int, default=1000, help="1 KiB messages per path (default: %(default)s)")
@@ -247,15 +253,9 @@ def main(argv: Sequence[str]) -> int:
                         help=f"modes to run, of {','.join(K_MODES)} (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--micro", action="store_true",
-                        help="run the in-process per-message micro-benchmark instead (fedgate.audit.bench); "
-                        "the other options are passed to it")
-    args, rest = parser.parse_known_args(argv)
-    if args.micro:
-        from fedgate.audit import bench as micro
-
-        return micro.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+                        help="run the in-process per-message micro-benchmark instead (fedgate.audit.bench; "
+                        "--micro --help for its options)")
+    args = parser.parse_args(argv)
     if not os.path.isdir("/proc/self/task"):
         raise SystemExit("bench audit: needs Linux /proc")
     modes = tuple(m for m in args.modes.split(",") if m)
