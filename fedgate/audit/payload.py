@@ -342,6 +342,8 @@ def _osx_message(payload: bytes) -> tuple[bytes, memoryview] | None:
     (other fields or wire types, a truncated field, a non-ASCII ``msgId``) returns None, and the
     caller lets protobuf parse it (``Message.FromString``), so both agree on every input.
     """
+    if type(payload) is not bytes:
+        return None  # a bytearray or view (not what the fronts build): protobuf reads it
     spans = [(0, 0), (0, 0), (0, 0)]
     pos, size = 0, len(payload)
     while pos < size:
