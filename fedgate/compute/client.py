@@ -6,6 +6,10 @@
         sums = await he.add(pk, cts, cts)
         plain = await he.decrypt(pk, sums)          # the gateway holds the secret key
 
+Same-host clients (a loopback or ``unix:`` target on Linux) hand batches of 256 KiB and more to the
+gateway in shared memory (:mod:`fedgate.compute.shm`); ``shared_memory=False`` turns that off, and a
+gateway that refuses it is answered with inline bytes from then on. ``transport`` says which is in use.
+
 Rules: server errors become :class:`~fedgate.errors.FedgateError` subclasses by gRPC status
 (INVALID_ARGUMENT -> InvalidRequestError, NOT_FOUND -> UnknownKeyError, UNAVAILABLE ->
 PeerUnavailableError, anything else -> LocalError), raised ``from`` the grpc error.
@@ -20,6 +24,7 @@ import grpc
 import grpc.aio
 import msgpack
 
+from fedgate.compute import shm
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
 from fedgate.compute.limbs import LimbBuffer
@@ -41,9 +46,23 @@ K_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
 class HeClient:
     """Client of ``fedgate.compute.HeOffload``."""
 
-    def __init__(self, target: str, *, config: ComputeConfig | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        config: ComputeConfig | None = None,
+        timeout_s: float = 600.0,
+        shared_memory: bool | None = None,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=server_options(config or ComputeConfig()))
         self._timeout = timeout_s
+        use_shm = _same_host(target) if shared_memory is None else shared_memory
+        self._arenas: shm.ArenaPool | None = shm.ArenaPool() if use_shm and shm.available() else None
+
+    @property
+    def transport(self) -> str:
+        """``shared memory`` or ``inline`` (how large batches reach the gateway now)."""
+        return "shared memory" if self._arenas is not None else "inline"
 
     async def __aenter__(self) -> HeClient:
         return self
@@ -54,8 +73,33 @@ class HeClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel and remove this client's shared-memory files."""
         await self._channel.close(None)
+        if self._arenas is not None:
+            self._arenas.close()
+
+    async def _batch(self, method: str, request: dict[str, Any], fields: list[str], out_size: int) -> dict[str, Any]:
+        """A call whose ``fields`` are large: through shared memory where possible, else inline."""
+        arenas = self._arenas
+        size = sum(len(request[name]) for name in fields)
+        if arenas is None or size + out_size < shm.K_SHM_MIN_BYTES:
+            return await self.call(method, request)
+        arena = arenas.take(size + out_size)
+        try:
+            shared = shm.pack_request(arena, request, fields, out_size)
+            try:
+                return shm.read_reply(arena, shared, await self.call(method, shared))
+            except InvalidRequestError as exc:
+                if shm.K_DISABLED not in str(exc):
+                    raise
+                self._arenas = None  # the gateway cannot or will not: inline from now on
+        finally:
+            if self._arenas is arenas:
+                arenas.give_back(arena)
+            else:
+                arena.close()
+                arenas.close()
+        return await self.call(method, request)
 
     async def call(self, method: str, request: dict[str, Any]) -> dict[str, Any]:
         """One raw call (msgpack map in, map out)."""
@@ -93,22 +137,27 @@ class HeClient:
     async def encrypt(self, pk: PublicKey, plaintexts: LimbBuffer, *, obfuscate: bool = True) -> LimbBuffer:
         """Batch encryption."""
         req = {"key_id": pk.key_id, "plaintexts": plaintexts.data, "obfuscate": obfuscate}
-        return LimbBuffer((await self.call("Encrypt", req))["ciphertexts"], pk.cipher_width)
+        out = plaintexts.count * pk.cipher_width * 4
+        return LimbBuffer((await self._batch("Encrypt", req, ["plaintexts"], out))["ciphertexts"], pk.cipher_width)
 
     async def decrypt(self, pk: PublicKey, ciphertexts: LimbBuffer) -> LimbBuffer:
         """Batch decryption by the gateway (it must hold the secret key)."""
         req = {"key_id": pk.key_id, "ciphertexts": ciphertexts.data}
-        return LimbBuffer((await self.call("Decrypt", req))["plaintexts"], pk.plain_width)
+        out = ciphertexts.count * pk.plain_width * 4
+        return LimbBuffer((await self._batch("Decrypt", req, ["ciphertexts"], out))["plaintexts"], pk.plain_width)
 
     async def add(self, pk: PublicKey, a: LimbBuffer, b: LimbBuffer) -> LimbBuffer:
         """Element-wise homomorphic addition."""
         req = {"key_id": pk.key_id, "a": a.data, "b": b.data}
-        return LimbBuffer((await self.call("Add", req))["ciphertexts"], pk.cipher_width)
+        out = a.count * pk.cipher_width * 4
+        return LimbBuffer((await self._batch("Add", req, ["a", "b"], out))["ciphertexts"], pk.cipher_width)
 
     async def mul_scalar(self, pk: PublicKey, ciphertexts: LimbBuffer, scalars: LimbBuffer) -> LimbBuffer:
         """Element-wise multiplication by plaintext residues."""
         req = {"key_id": pk.key_id, "ciphertexts": ciphertexts.data, "scalars": scalars.data}
-        return LimbBuffer((await self.call("MulScalar", req))["ciphertexts"], pk.cipher_width)
+        out = ciphertexts.count * pk.cipher_width * 4
+        reply = await self._batch("MulScalar", req, ["ciphertexts", "scalars"], out)
+        return LimbBuffer(reply["ciphertexts"], pk.cipher_width)
 
     async def drop_key(self, pk: PublicKey) -> bool:
         """Forget a key in the gateway."""
@@ -117,3 +166,12 @@ class HeClient:
     async def stats(self) -> dict[str, Any]:
         """Backend counters."""
         return await self.call("Stats", {})
+
+
+def _same_host(target: str) -> bool:
+    """Whether a gRPC target names this host (loopback address or a Unix-domain socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    return host in ("localhost", "::1") or host.startswith("127.")

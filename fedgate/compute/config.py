@@ -47,6 +47,9 @@ class ComputeConfig:
     """Precomputed r^n values kept per key for encryption (each used once, then dropped); 0 disables."""
     pool_low_water: float = field(default=0.5, metadata=bounds(ge=0, le=1))
     """Refill the randomness pool when it drops below this fraction of ``pool_size``."""
+    shared_memory: bool = True
+    """Accept batch payloads from same-host clients in shared memory (``/dev/shm`` files the client creates
+    with mode 0600; the gRPC message then carries offsets only). Off: every payload travels in the message."""
     max_batch: int = field(default=1_000_000, metadata=bounds(ge=1))
     """Largest batch (elements) one service call may carry."""
     max_keys: int = field(default=64, metadata=bounds(ge=1))

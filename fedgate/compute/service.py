@@ -15,6 +15,10 @@ own layout, so a call costs no per-element conversion on the way in or out.
     DropKey            {key_id}                                -> {dropped}
     Stats              {}                                      -> {backend, device, keys, encrypted, ...}
 
+Same-host clients may hand the large byte fields over in shared memory instead (``shm``, ``shm_in``,
+``shm_out`` request fields, ``shm_reply`` in the answer; :mod:`fedgate.compute.shm`, on by default,
+``compute.shared_memory = false`` switches it off).
+
 ``n`` is big-endian-free: little-endian bytes of the modulus. Plaintexts are residues mod n of
 ``pk.plain_width`` limbs, ciphertexts residues mod n^2 of ``pk.cipher_width`` limbs.
 
@@ -42,7 +46,7 @@ import grpc
 import grpc.aio
 import msgpack
 
-from fedgate.compute import fate
+from fedgate.compute import fate, shm
 from fedgate.compute.api import HeBackend, create_backend
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.cpu import CpuBackend
@@ -88,6 +92,7 @@ class HeService:
 
     def __init__(self, config: ComputeConfig, backend: HeBackend) -> None:
         self._config = config
+        self.config = config
         self.backend = backend
         self.keys = KeyStore(max_keys=config.max_keys)
         self._refilling: set[str] = set()
@@ -241,10 +246,21 @@ def _pack(obj: dict[str, Any]) -> bytes:
     return data
 
 
-def _rpc(name: str, handler: Handler) -> grpc.RpcMethodHandler[bytes, bytes]:
+async def _via_shared_memory(handler: Handler, req: dict[str, Any], enabled: bool) -> dict[str, Any]:
+    if not enabled:
+        raise InvalidRequestError(f"{shm.K_DISABLED} is switched off on this gateway (compute.shared_memory)")
+    with shm.open_segment(req["shm"]) as segment:
+        inner, where = shm.unpack_request(segment, req)
+        return shm.write_reply(segment, where, await handler(inner))
+
+
+def _rpc(name: str, handler: Handler, shared_memory: bool = False) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
-            return _pack(await handler(_unpack(request)))
+            req = _unpack(request)
+            if "shm" in req:  # a same-host client handed the payloads over in shared memory (shm.py)
+                return _pack(await _via_shared_memory(handler, req, shared_memory))
+            return _pack(await handler(req))
         except FedgateError as exc:
             log.info("HE call failed", extra={"fields": {"method": name, "error": type(exc).__name__}})
             await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
@@ -255,7 +271,8 @@ def _rpc(name: str, handler: Handler) -> grpc.RpcMethodHandler[bytes, bytes]:
 
 def add_to_server(server: grpc.aio.Server, service: HeService) -> None:
     """Register the HeOffload methods on an existing grpc.aio server."""
-    handlers = {name: _rpc(name, fn) for name, fn in service.handlers.items()}
+    shared = service.config.shared_memory and shm.available()
+    handlers = {name: _rpc(name, fn, shared) for name, fn in service.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(K_SERVICE, handlers),))
 
 

@@ -13,6 +13,7 @@ def test_bench_he_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     )
     out = capsys.readouterr().out
     assert rc == 0
-    for label in ("fedgate cpu, DJN fixed base", "fedgate cpu, online part with r^n pool", "service overhead"):
+    labels = ("fedgate cpu, DJN fixed base", "fedgate cpu, online part with r^n pool", "service overhead", "   mul ")
+    for label in labels:
         assert label in out
     assert ("fate_utils" in out) and ("phe" in out)
