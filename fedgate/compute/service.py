@@ -94,6 +94,7 @@ class HeService:
         self._config = config
         self.config = config
         self.backend = backend
+        self.segments = shm.SegmentCache()
         self.keys = KeyStore(max_keys=config.max_keys)
         self._refilling: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,6 +229,7 @@ class HeService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.segments.close()
         await asyncio.to_thread(self.backend.close)
 
 
@@ -246,20 +248,20 @@ def _pack(obj: dict[str, Any]) -> bytes:
     return data
 
 
-async def _via_shared_memory(handler: Handler, req: dict[str, Any], enabled: bool) -> dict[str, Any]:
-    if not enabled:
+async def _via_shared_memory(handler: Handler, req: dict[str, Any], cache: shm.SegmentCache | None) -> dict[str, Any]:
+    if cache is None:
         raise InvalidRequestError(f"{shm.K_DISABLED} is switched off on this gateway (compute.shared_memory)")
-    with shm.open_segment(req["shm"]) as segment:
+    with cache.segment(req["shm"]) as segment:
         inner, where = shm.unpack_request(segment, req)
         return shm.write_reply(segment, where, await handler(inner))
 
 
-def _rpc(name: str, handler: Handler, shared_memory: bool = False) -> grpc.RpcMethodHandler[bytes, bytes]:
+def _rpc(name: str, handler: Handler, segments: shm.SegmentCache | None) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def call(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
             req = _unpack(request)
             if "shm" in req:  # a same-host client handed the payloads over in shared memory (shm.py)
-                return _pack(await _via_shared_memory(handler, req, shared_memory))
+                return _pack(await _via_shared_memory(handler, req, segments))
             return _pack(await handler(req))
         except FedgateError as exc:
             log.info("HE call failed", extra={"fields": {"method": name, "error": type(exc).__name__}})
@@ -271,8 +273,8 @@ def _rpc(name: str, handler: Handler, shared_memory: bool = False) -> grpc.RpcMe
 
 def add_to_server(server: grpc.aio.Server, service: HeService) -> None:
     """Register the HeOffload methods on an existing grpc.aio server."""
-    shared = service.config.shared_memory and shm.available()
-    handlers = {name: _rpc(name, fn, shared) for name, fn in service.handlers.items()}
+    segments = service.segments if service.config.shared_memory and shm.available() else None
+    handlers = {name: _rpc(name, fn, segments) for name, fn in service.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(K_SERVICE, handlers),))
 
 

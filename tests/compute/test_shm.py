@@ -119,3 +119,33 @@ def test_arena_pool_reuses_and_grows() -> None:
     pool.give_back(big)
     pool.close()
     assert not os.path.exists(big.path)
+
+
+def test_service_keeps_mappings_only_while_the_files_exist() -> None:
+    cache = shm.SegmentCache(limit=1)
+    a, b = shm.Arena(1 << 16), shm.Arena(1 << 16)
+    try:
+        a.map[:2] = b"hi"
+        with cache.segment(a.name) as seg:
+            first = seg
+            assert seg[:2] == b"hi"
+            with cache.segment(a.name) as again:  # concurrent use of one segment shares the mapping
+                assert again is seg
+        with cache.segment(a.name) as seg:
+            assert seg is first  # kept between calls
+        with cache.segment(b.name):
+            pass
+        assert len(cache) == 1  # limit: a was evicted
+        b.close()  # the client let go: the next lookup drops the mapping
+        with cache.segment(a.name) as seg:
+            assert seg[:2] == b"hi"
+        assert len(cache) == 1
+        with pytest.raises(InvalidRequestError), cache.segment(b.name):
+            pass
+        with pytest.raises(InvalidRequestError), cache.segment(123):
+            pass
+        cache.close()
+        assert len(cache) == 0
+    finally:
+        a.close()
+        b.close()
