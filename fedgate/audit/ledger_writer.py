@@ -18,9 +18,11 @@ Rules of this module:
    retried silently.
 5. Durability for acknowledgements: :meth:`synced` waits until every record queued before the call
    is committed (group commit: a waiting caller cuts the ``commit_interval_s`` gathering short, and
-   the records that arrive while one transaction commits share the next). The gateway awaits it
-   before it acknowledges a message (``[audit] ledger_ack_after_commit``). Committed means in the
-   WAL: it survives a crash of the process; with ``ledger_synchronous = "full"`` a power loss too.
+   the records that arrive while one transaction commits share the next). With ``[audit]
+   ledger_ack_after_commit`` the gateway awaits it before it acknowledges a message. Committed means
+   in the WAL: it survives a crash of the process; with ``ledger_synchronous = "full"`` a power loss
+   too. Without it, the guarantee is :meth:`record`'s: queued before the message moves on, committed
+   within ``commit_interval_s`` (plus one write), all of it on a clean :meth:`aclose`.
 """
 
 from __future__ import annotations
