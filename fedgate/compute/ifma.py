@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import pathlib
+import site
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ def _search_dirs() -> list[pathlib.Path]:
     env = os.environ.get("FEDGATE_CRYPTO_MB_DIR")
     dirs = [pathlib.Path(env)] if env else []
     dirs += [pathlib.Path(sys.prefix) / "lib", pathlib.Path(sys.exec_prefix) / "lib"]
+    dirs.append(pathlib.Path(site.getuserbase()) / "lib")  # pip install --user
     return dirs
 
 

@@ -9,7 +9,8 @@ is copied twice (in, and back out) instead.
 
 Protocol (an extension of the msgpack maps in :mod:`fedgate.compute.service`):
 
-    request   {..., "shm": NAME, "shm_in": {FIELD: [offset, length], ...}, "shm_out": [offset, capacity]}
+    request   {..., "shm": NAME, "shm_key": TOKEN, "shm_in": {FIELD: [offset, length], ...},
+               "shm_out": [offset, capacity]}
     reply     {..., "shm_reply": [FIELD, length]}     (the result sits at the request's out offset)
 
 ``NAME`` is ``fedgate-he-`` and 32 hex digits, a file in ``/dev/shm`` that the client created (mode
@@ -20,6 +21,12 @@ gateway with ``compute.shared_memory = false``, or that cannot open the file (an
 user, another container), answers INVALID_ARGUMENT with "shared memory" in the message, and the
 client falls back to inline bytes for the rest of its life.
 
+Capability: a segment's name shows in any listing of ``/dev/shm``, so the name alone must not let
+another local user make the gateway (which can open the file) read or write it for them. The client
+writes a random 16-byte token at offset 0 of the file (readable only through the 0600 file) and quotes
+it in every request (``shm_key``); the gateway compares it before touching anything else, and payload
+offsets start after the 64-byte header.
+
 Rules: the client owns and unlinks its files (``close``, or at interpreter exit through a finalizer);
 the service never creates or unlinks one.
 """
@@ -27,6 +34,7 @@ the service never creates or unlinks one.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import mmap
 import os
 import re
@@ -42,6 +50,8 @@ __all__ = ["K_SHM_DIR", "K_SHM_MIN_BYTES", "Arena", "ArenaPool", "SegmentCache",
 
 K_SHM_DIR = "/dev/shm"
 K_SHM_MIN_BYTES = 256 << 10  # smaller calls travel inline (a few copies of a small payload cost nothing)
+K_TOKEN_BYTES = 16  # the segment's capability: a random token at offset 0 that every request must quote
+K_HEADER = 64  # payloads start here
 K_NAME = re.compile(r"fedgate-he-[0-9a-f]{32}")
 K_DISABLED = "shared memory transport"  # the marker the client looks for in a refusal
 
@@ -72,6 +82,8 @@ class Arena:
             raise
         os.close(fd)
         self.size = size
+        self.token = secrets.token_bytes(K_TOKEN_BYTES)
+        self.map[:K_TOKEN_BYTES] = self.token
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
     def close(self) -> None:
@@ -109,14 +121,14 @@ def pack_request(arena: Arena, request: dict[str, Any], fields: list[str], out_s
     """Move ``fields`` (bytes) of ``request`` into ``arena``; the result goes after them."""
     out = dict(request)
     offsets: dict[str, list[int]] = {}
-    pos = 0
+    pos = K_HEADER
     for name in fields:
         data: bytes = request[name]
         arena.map[pos : pos + len(data)] = data
         offsets[name] = [pos, len(data)]
         del out[name]
         pos += len(data)
-    out.update(shm=arena.name, shm_in=offsets, shm_out=[pos, out_size])
+    out.update(shm=arena.name, shm_key=arena.token, shm_in=offsets, shm_out=[pos, out_size])
     return out
 
 
@@ -141,7 +153,7 @@ def _span(value: Any, size: int, what: str) -> tuple[int, int]:
     ):
         raise InvalidRequestError(f"{what} must be [offset, length]")
     offset, length = value
-    if offset < 0 or length < 0 or offset + length > size:
+    if offset < K_HEADER or length < 0 or offset + length > size:
         raise InvalidRequestError(f"{what} lies outside the shared memory segment")
     return offset, length
 
@@ -224,10 +236,13 @@ class SegmentCache:
 def unpack_request(segment: mmap.mmap, request: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     """The request with its shared-memory fields read in as bytes, and the (offset, capacity) for the reply."""
     size = len(segment)
+    key = request.get("shm_key")
+    if not isinstance(key, bytes) or not hmac.compare_digest(key, segment[:K_TOKEN_BYTES]):
+        raise InvalidRequestError("shared memory segment: wrong or missing token")
     spans = request.get("shm_in")
     if not isinstance(spans, dict):
         raise InvalidRequestError("field 'shm_in' must be a map")
-    out = {k: v for k, v in request.items() if k not in ("shm", "shm_in", "shm_out")}
+    out = {k: v for k, v in request.items() if k not in ("shm", "shm_key", "shm_in", "shm_out")}
     for name, span in spans.items():
         if not isinstance(name, str) or name in out:
             raise InvalidRequestError("bad field in 'shm_in'")

@@ -77,22 +77,26 @@ def test_service_checks_what_a_client_names() -> None:
         try:
             async with HeClient(f"127.0.0.1:{server.port}", shared_memory=False) as he:
                 pk = await he.generate_key(1024)
-                base = {"key_id": pk.key_id, "shm_out": [2048, 1024]}
+                base = {"key_id": pk.key_id, "shm_out": [2112, 1024], "shm_key": arena.token}
+                h = shm.K_HEADER
                 bad: list[dict[str, Any]] = [
-                    {"shm": "../../etc/passwd", "shm_in": {"a": [0, 1024], "b": [0, 1024]}},
-                    {"shm": "fedgate-he-" + "0" * 32, "shm_in": {"a": [0, 1024], "b": [0, 1024]}},  # no such file
-                    {"shm": arena.name, "shm_in": {"a": [0, 1024], "b": [1 << 16, 1024]}},  # outside
-                    {"shm": arena.name, "shm_in": {"a": [-1, 1024], "b": [0, 1024]}},
-                    {"shm": arena.name, "shm_in": {"a": [0, 1024], "b": [0, 1024]}, "shm_out": [1 << 16, 1]},
-                    {"shm": arena.name, "shm_in": {"a": [0, 1024], "b": [0, 1024]}, "shm_out": [0, 8]},  # too small
-                    {"shm": arena.name, "shm_in": [[0, 256]]},
+                    {"shm": "../../etc/passwd", "shm_in": {"a": [h, 1024], "b": [h, 1024]}},
+                    {"shm": "fedgate-he-" + "0" * 32, "shm_in": {"a": [h, 1024], "b": [h, 1024]}},  # no such file
+                    {"shm": arena.name, "shm_in": {"a": [h, 1024], "b": [1 << 16, 1024]}},  # outside
+                    {"shm": arena.name, "shm_in": {"a": [0, 1024], "b": [h, 1024]}},  # the token's header
+                    {"shm": arena.name, "shm_in": {"a": [-1, 1024], "b": [h, 1024]}},
+                    {"shm": arena.name, "shm_in": {"a": [h, 1024], "b": [h, 1024]}, "shm_out": [1 << 16, 1]},
+                    {"shm": arena.name, "shm_in": {"a": [h, 1024], "b": [h, 1024]}, "shm_out": [2112, 8]},  # too small
+                    {"shm": arena.name, "shm_in": [[h, 256]]},
+                    {"shm": arena.name, "shm_in": {"a": [h, 1024], "b": [h, 1024]}, "shm_key": b"x" * 16},
+                    {"shm": arena.name, "shm_in": {"a": [h, 1024], "b": [h, 1024]}, "shm_key": None},
                 ]
                 for fields in bad:
                     with pytest.raises(InvalidRequestError):
                         await he.call("Add", {**base, **fields})
-                ok = await he.call("Add", {**base, "shm": arena.name, "shm_in": {"a": [0, 1024], "b": [0, 1024]}})
+                ok = await he.call("Add", {**base, "shm": arena.name, "shm_in": {"a": [h, 1024], "b": [h, 1024]}})
                 assert ok == {"shm_reply": ["ciphertexts", 1024]}  # four 1024-bit ciphertexts of 0 + 0
-                assert arena.map[2048:3072] == bytes(1024)
+                assert arena.map[2112:3136] == bytes(1024)
         finally:
             arena.close()
             await server.stop(0)
@@ -109,10 +113,12 @@ def test_arena_pool_reuses_and_grows() -> None:
     pool.give_back(a)
     big = pool.take(4 << 20)
     assert big is not a and big.size >= 4 << 20 and not os.path.exists(a.path)
-    big.map[:3] = b"abc"
     req = shm.pack_request(big, {"key_id": "k", "x": b"hello"}, ["x"], 10)
-    assert req == {"key_id": "k", "shm": big.name, "shm_in": {"x": [0, 5]}, "shm_out": [5, 10]}
-    big.map[5:8] = b"xyz"
+    h = shm.K_HEADER
+    assert req == {"key_id": "k", "shm": big.name,
+                   "shm_key": big.token, "shm_in": {"x": [h, 5]}, "shm_out": [h + 5, 10]}
+    assert big.map[: shm.K_TOKEN_BYTES] == big.token and len(set(big.token)) > 1
+    big.map[h + 5 : h + 8] = b"xyz"
     assert shm.read_reply(big, req, {"shm_reply": ["c", 3]}) == {"c": b"xyz"}
     with pytest.raises(InvalidRequestError):
         shm.read_reply(big, req, {"shm_reply": ["c", 11]})
