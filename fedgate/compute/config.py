@@ -38,7 +38,7 @@ class ComputeConfig:
     Security rests on the DJN short-exponent assumption on top of DCR; set false for textbook r^n."""
     djn_window: int = field(default=0, metadata=bounds(ge=0, le=12))
     """Window of the DJN fixed-base table in bits; 0 picks 12 for 1024-bit and 9 for 2048-bit keys.
-    Memory per key and process is about (bits/2 / window) * 2^window * 2*bits/8 bytes (45 MB at 1024, 30 MB at 2048)."""
+    Memory per key and process is about (bits/2 / window) * 2^window * 2*bits/8 bytes (55 MB at 1024, 33 MB at 2048)."""
     cpu_ifma: bool = True
     """Let the cpu backend use Intel crypto_mb (AVX-512 IFMA, 8 exponentiations per call) for
     decryption, scalar multiplication and non-DJN encryption when the CPU has avx512ifma (ipp-crypto is a
