@@ -3,7 +3,7 @@
 Rules of this module:
 
 1. Callers on the event loop never touch SQLite: :meth:`LedgerWriter.record` queues the record
-   (hashing small payloads at once, large ones later on the writer thread); :meth:`run` drains the
+   (its record is built and hashed later, on the writer thread); :meth:`run` drains the
    queue in batches of up to ``batch`` records (waiting ``commit_interval_s`` after the first one
    for more: one transaction per message would cost more than the audit) and hands each batch to a
    dedicated thread, which
@@ -30,10 +30,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -46,16 +45,19 @@ from fedgate.proxy.envelope import Envelope
 
 __all__ = ["LedgerWriter"]
 
-K_HASH_IN_WRITER = 64 * 1024  # bytes; payloads this large are hashed on the writer thread
+K_HASH_IN_WRITER = 0  # bytes; payloads of this size or more are hashed on the writer thread (all of them)
 K_MAX_UNHASHED = 256 * 1024 * 1024  # bytes of payload held for hashing at once; beyond, hash at once
 
 
-@dataclass(frozen=True, slots=True)
-class _Unhashed:
-    """A record whose ``sha256`` the writer thread fills in (the payload is held until then)."""
+class _Unhashed(NamedTuple):
+    """What :func:`record_for` needs; the writer thread builds the record and hashes the payload (the
+    envelope, immutable, is held until then)."""
 
-    record: LedgerRecord
-    payload: bytes
+    envelope: Envelope
+    direction: str
+    verdict: str
+    rule: str
+    now: float
 
 
 _Item = LedgerRecord | _Unhashed
@@ -114,13 +116,13 @@ class LedgerWriter:
     def record(self, envelope: Envelope, direction: str, verdict: str, rule: str, *, now: float) -> None:
         """Queue the record of one audited message; StoreFullError when the queue is full.
 
-        Payloads of ``K_HASH_IN_WRITER`` bytes or more are hashed on the writer thread (hashlib
-        releases the GIL), up to ``K_MAX_UNHASHED`` bytes held at once; smaller ones right here.
+        The record is built and its payload hashed on the writer thread, in the batch (hashlib releases
+        the GIL for large payloads; a batch of small ones is cheaper there than one by one between the
+        event loop's other work), up to ``K_MAX_UNHASHED`` payload bytes held at once; beyond, here.
         """
         size = envelope.size
         if size >= K_HASH_IN_WRITER and self._unhashed + size <= K_MAX_UNHASHED:
-            record = record_for(envelope, direction, verdict, rule, now=now, sha256="")
-            self._put(_Unhashed(record, envelope.payload))
+            self._put(_Unhashed(envelope, direction, verdict, rule, now))
             self._unhashed += size
         else:
             self._put(record_for(envelope, direction, verdict, rule, now=now))
@@ -222,7 +224,7 @@ class LedgerWriter:
             self._fail_waiters(exc)
             raise
         finally:
-            self._unhashed -= sum(len(i.payload) for i in items if isinstance(i, _Unhashed))
+            self._unhashed -= sum(i.envelope.size for i in items if type(i) is _Unhashed)
         self._committed(len(items))
 
     def _write_sync(self, items: list[_Item], force_checkpoint: bool) -> None:
@@ -232,7 +234,7 @@ class LedgerWriter:
         entries: list[LedgerEntry] = []
         for item in items:
             if isinstance(item, _Unhashed):
-                item = replace(item.record, sha256=hashlib.sha256(item.payload).hexdigest())
+                item = record_for(item.envelope, item.direction, item.verdict, item.rule, now=item.now)
             entries.append(chain.append(item))
         unsigned = self._unsigned + len(entries)
         checkpoint = None

@@ -177,7 +177,7 @@ def test_large_payloads_are_hashed_on_the_writer_thread(tmp_path: pathlib.Path) 
         task = asyncio.create_task(writer.run())
         for i, env in enumerate(big):
             writer.record(env, "out", "accept", "", now=float(i))
-            writer.record(envelope(100 + i), "in", "accept", "", now=float(i))  # small: hashed at once
+            writer.record(envelope(100 + i), "in", "accept", "", now=float(i))
         await writer.flush()
         assert writer._unhashed == 0
         task.cancel()
