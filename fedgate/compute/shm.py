@@ -99,7 +99,9 @@ class ArenaPool:
     def __init__(self) -> None:
         self._idle: list[Arena] = []
 
-    def take(self, size: int) -> Arena:
+    def take(self, payload: int) -> Arena:
+        """An arena with room for the header and ``payload`` bytes (inputs and the result)."""
+        size = K_HEADER + payload
         for i, arena in enumerate(self._idle):
             if arena.size >= size:
                 return self._idle.pop(i)
@@ -119,6 +121,8 @@ class ArenaPool:
 
 def pack_request(arena: Arena, request: dict[str, Any], fields: list[str], out_size: int) -> dict[str, Any]:
     """Move ``fields`` (bytes) of ``request`` into ``arena``; the result goes after them."""
+    if K_HEADER + sum(len(request[name]) for name in fields) + out_size > arena.size:
+        raise ValueError("the payloads do not fit the arena")
     out = dict(request)
     offsets: dict[str, list[int]] = {}
     pos = K_HEADER

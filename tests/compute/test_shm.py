@@ -14,7 +14,7 @@ from fedgate.compute import shm
 from fedgate.compute.client import HeClient, _same_host
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.cpu import CpuBackend
-from fedgate.compute.limbs import from_limbs, to_limbs
+from fedgate.compute.limbs import LimbBuffer, from_limbs, to_limbs
 from fedgate.compute.service import serve_compute
 from fedgate.errors import InvalidRequestError
 
@@ -56,6 +56,8 @@ def test_batches_through_shared_memory_match_inline(server_shm: bool) -> None:
                 assert len(_ours() - before) == (1 if server_shm else 0)  # one arena, reused
                 assert from_limbs(await he.decrypt(pk, cts)) == ms
                 assert await he.add(pk, cts, cts) == await inline.add(pk, cts, cts)
+                big = LimbBuffer(cts.data * 4, pk.cipher_width)  # 3.7 MB in and out: a larger arena
+                assert await he.add(pk, big, big) == await inline.add(pk, big, big)
                 ks = to_limbs([secrets.randbits(64) for _ in range(K_BATCH)], pk.plain_width)
                 assert await he.mul_scalar(pk, cts, ks) == await inline.mul_scalar(pk, cts, ks)
                 small = await he.encrypt(pk, to_limbs([3], pk.plain_width))  # below the threshold: inline
@@ -123,7 +125,15 @@ def test_arena_pool_reuses_and_grows() -> None:
     with pytest.raises(InvalidRequestError):
         shm.read_reply(big, req, {"shm_reply": ["c", 11]})
     pool.give_back(big)
+    exact = pool.take(big.size)  # payload of exactly an arena's size: a bigger arena, the header included
+    assert exact.size >= big.size + shm.K_HEADER and not os.path.exists(big.path)
+    with pytest.raises(ValueError):
+        shm.pack_request(exact, {"x": bytes(exact.size)}, ["x"], 0)
+    fit = shm.pack_request(exact, {"x": bytes(big.size - 10)}, ["x"], 10)
+    assert fit["shm_out"] == [shm.K_HEADER + big.size - 10, 10]
+    pool.give_back(exact)
     pool.close()
+    assert not os.path.exists(exact.path)
     assert not os.path.exists(big.path)
 
 
