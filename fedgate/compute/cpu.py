@@ -24,6 +24,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import os
@@ -58,15 +59,16 @@ __all__ = ["CpuBackend", "create"]
 log = logging.getLogger("fedgate.compute")
 
 K_CHUNKS_PER_WORKER = 2  # chunks per worker process and batch (load balance vs. round trips)
+K_TABLES_PER_PROCESS = 4  # DJN tables kept per process, least recently used dropped (55 MB each at 1024 bits)
 
 Job = tuple[Any, ...]
 
 
 class _Engine:
-    """Per-process arithmetic with cached DJN tables (one per modulus) and the optional IFMA library."""
+    """Per-process arithmetic with cached DJN tables (one per modulus, LRU-bounded) and the optional IFMA library."""
 
     def __init__(self) -> None:
-        self._tables: dict[int, DjnTable] = {}
+        self._tables: collections.OrderedDict[int, DjnTable] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._mb: MultiBufferModexp | None = None
         self._mb_checked = False
@@ -84,9 +86,13 @@ class _Engine:
 
     def table(self, pk: PublicKey, window: int) -> DjnTable:
         with self._lock:
-            table = self._tables.get(pk.n)
+            tables = self._tables
+            table = tables.get(pk.n)
             if table is None or (window and table.window != window):
-                table = self._tables[pk.n] = DjnTable(pk, window=window)
+                table = tables[pk.n] = DjnTable(pk, window=window)
+                while len(tables) > K_TABLES_PER_PROCESS:
+                    tables.popitem(last=False)  # bounded memory: a table is rebuilt on its next use
+            tables.move_to_end(pk.n)
             return table
 
     def fresh_rn(

@@ -126,3 +126,23 @@ def test_fallback_to_gmpy2_is_logged_with_the_reason(
     assert "crypto_mb" not in b.statistics().device
     pk, sk = keys1024
     assert from_limbs(b.decrypt(sk, b.encrypt(pk, to_limbs([5, 7], pk.plain_width)))) == [5, 7]
+
+
+def test_djn_tables_per_process_are_bounded() -> None:
+    import gmpy2
+
+    from fedgate.compute import cpu
+    from fedgate.compute.paillier import PublicKey
+
+    def small_key(i: int) -> PublicKey:  # tables only need n; small moduli keep the test fast
+        return PublicKey(int(gmpy2.next_prime(2**127 + 1000 * i) * gmpy2.next_prime(2**128 + 7000 * i)))
+
+    engine = cpu._Engine()
+    keys = [small_key(i) for i in range(cpu.K_TABLES_PER_PROCESS + 2)]
+    for pk in keys:
+        engine.table(pk, 4)
+    engine.table(keys[2], 4)  # recently used: kept
+    assert len(engine._tables) == cpu.K_TABLES_PER_PROCESS
+    assert keys[0].n not in engine._tables and keys[2].n in engine._tables
+    pk = keys[0]
+    assert engine.table(pk, 4).power(5) == engine.table(pk, 4).power(5)  # rebuilt on use
