@@ -118,6 +118,9 @@ class SqliteStore:
         # only when this is 0, which keeps FIFO order.
         self._depth: collections.Counter[tuple[str, str]] = collections.Counter()
         self.handoffs = 0
+        self._handoff_seq = 0
+        self._handoff_order: dict[int, int] = {}  # id(envelope) -> hand-off number, while a pop holds it
+        self._requeues: list[tuple[int, Envelope]] = []  # hand-offs to put back, flushed once per loop turn
         self._outbox_events: dict[str, asyncio.Event] = {}
         self._bytes = 0
         self._queued = 0
@@ -321,6 +324,8 @@ class SqliteStore:
             return False
         fut.set_result(envelope)
         self.handoffs += 1
+        self._handoff_seq += 1
+        self._handoff_order[id(envelope)] = self._handoff_seq
         return True
 
     def _wake(self, key: tuple[str, str]) -> None:
@@ -329,31 +334,42 @@ class SqliteStore:
             fut.set_result(None)
 
     def _requeue_head(self, envelope: Envelope) -> None:
-        """A handed-off message whose pop did not return it goes back to the head of its queue."""
+        """A handed-off message whose pop did not return it goes back to the head of its queue.
+
+        Several pops of one queue can each hold a hand-off when they are cancelled together (a
+        client going away): the put-backs of one loop turn are written in one operation, oldest
+        hand-off at the head, so the queue keeps the order the messages arrived in.
+        """
         key = (envelope.session_id, envelope.topic)
-        header = _encode_header(envelope)
         self._depth[key] += 1
+        self._requeues.append((self._handoff_order.pop(id(envelope), 0), envelope))
+        if len(self._requeues) == 1:
+            asyncio.get_running_loop().create_task(self._flush_requeues())
+
+    async def _flush_requeues(self) -> None:
+        await asyncio.sleep(0)  # let the other pops cancelled in this turn add theirs
+        batch, self._requeues = sorted(self._requeues, key=lambda item: item[0], reverse=True), []
+        rows = [(_encode_header(e), e) for _, e in batch]
 
         def op(conn: sqlite3.Connection) -> None:
-            first = conn.execute("SELECT MIN(id) FROM queue").fetchone()[0]
-            conn.execute(
-                "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
-                ((first or 1) - 1, envelope.session_id, envelope.topic, header, envelope.payload),
-            )
+            for header, e in rows:  # newest first, each in front of the last: oldest ends at the head
+                first = conn.execute("SELECT MIN(id) FROM queue").fetchone()[0]
+                conn.execute(
+                    "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
+                    ((first if first is not None else 1) - 1, e.session_id, e.topic, header, e.payload),
+                )
 
-        async def requeue() -> None:
-            try:
-                await self._run(op)
-            except Exception:
-                self._undepth(key)
-                log.exception("could not put back a handed-off message",
-                              extra={"fields": {"session": key[0], "topic": key[1]}})
-                return
-            self._bytes += envelope.size
+        try:
+            await self._run(op)
+        except Exception:
+            for _, e in batch:
+                self._undepth((e.session_id, e.topic))
+            log.exception("could not put back handed-off messages", extra={"fields": {"count": len(batch)}})
+            return
+        for _, e in batch:
+            self._bytes += e.size
             self._queued += 1
-            self._wake(key)
-
-        asyncio.get_running_loop().create_task(requeue())
+            self._wake((e.session_id, e.topic))
 
     async def pop_nowait(self, session: str, topic: str) -> Envelope | None:
         """Remove and return the oldest message of the queue, or None if it is empty.
@@ -429,7 +445,10 @@ class SqliteStore:
                 if remaining <= 0 and not fut.done():
                     return None
                 try:
-                    got = await asyncio.wait_for(fut, max(remaining, 0.0))
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                    # arrives after the hand-off and returns the message to a caller that is gone
+                    async with asyncio.timeout(max(remaining, 0.0)):
+                        got = await fut
                 except TimeoutError:
                     return None
                 if got is not None:  # handed over by a put
@@ -440,6 +459,8 @@ class SqliteStore:
                     del self._waiters[key]
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     result = fut.result()
+                    if result is not None and result is got:
+                        self._handoff_order.pop(id(result), None)
                     if result is None and got is None:
                         self._wake(key)  # a wake-up this pop did not use goes to the next one
                     elif result is not None and result is not got:

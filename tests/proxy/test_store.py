@@ -244,6 +244,36 @@ def test_handoff_to_a_parked_pop_keeps_order_and_survives_cancellation(tmp_path:
     asyncio.run(main())
 
 
+def test_handoffs_cancelled_together_all_go_back_in_order(tmp_path: pathlib.Path) -> None:
+    # Three pops parked on one empty queue each get a hand-off; the client goes away and all three
+    # are cancelled in the same loop turn. Every message must go back (the first put-back used to
+    # take id 0 and the second collided with it: the message was lost), oldest at the head.
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        for round_ in range(3):
+            tasks = [asyncio.create_task(store.pop("s", "t", timeout=30)) for _ in range(3)]
+            while len(store._waiters.get(("s", "t"), ())) < 3:
+                await asyncio.sleep(0.005)  # all three parked on the empty queue
+            before = store.handoffs
+            for i in range(3):
+                await store.put(env("t", b"%d-%d" % (round_, i)))  # no await inside: the pops do not run
+            assert store.handoffs == before + 3
+            for task in reversed(tasks):  # cancellation order must not matter
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results)
+            await asyncio.sleep(0.05)
+            left = []
+            while (e := await store.pop_nowait("s", "t")) is not None:
+                left.append(e.payload)
+            assert left == [b"%d-%d" % (round_, i) for i in range(3)]
+        assert store.statistics().queued_messages == 0
+        assert not store._handoff_order
+        await store.aclose()
+
+    asyncio.run(main())
+
+
 def test_deliver_many_is_one_all_or_nothing_write_with_dedup(tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         store = await open_store(tmp_path, max_bytes=1024 * 1024)
