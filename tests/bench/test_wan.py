@@ -85,7 +85,15 @@ def test_signal_cleans_up_namespaces_and_processes(tmp_path: Path, sig: signal.S
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background (a CI script's `cmd &`) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: give the harness the default disposition a terminal has.
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 30
         kids: set[int] = set()
