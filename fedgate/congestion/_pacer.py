@@ -56,6 +56,12 @@ class Pacer:
         """Bucket size, bytes."""
         return self._capacity
 
+    def set_bucket(self, bucket_s: float) -> None:
+        """Change the bucket size, seconds of data at the current rate (applied at the next set_rate)."""
+        if bucket_s <= 0:
+            raise ValueError("bucket_s must be > 0")
+        self._bucket_s = bucket_s
+
     def set_rate(self, rate: float | None, *, now: float) -> None:
         """Change the rate (bytes per second); tokens earned so far are kept."""
         self._refill(now)

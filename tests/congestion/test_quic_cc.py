@@ -159,3 +159,19 @@ def test_adapter_keeps_packet_number_spaces_apart() -> None:
     adapter.on_packets_expired(packets=[initial])
     assert adapter.bytes_in_flight == 0
     assert adapter.controller.statistics().packets_lost == 1
+
+
+def test_pacer_bucket_grows_with_min_rtt_on_long_paths() -> None:
+    # A late event loop loses the tokens beyond the bucket: on a 320 ms path the bucket holds 20 ms.
+    from fedgate.congestion import Pacer
+    from fedgate.congestion._quic_cc import K_BUCKET_MAX
+
+    def capacity_after(rtt: float) -> float:
+        controller: Any = SimpleNamespace(min_rtt=rtt, pacing_rate=12.5e6, max_datagram_size=1200)
+        pacer = Pacer(max_datagram_size=1200, bucket_s=0.004)
+        AioquicPacer(controller, pacer, bucket_s=0.004).next_send_time(1.0)
+        return pacer.capacity / 12.5e6
+
+    assert capacity_after(0.02) == pytest.approx(0.004)
+    assert capacity_after(0.16) == pytest.approx(0.01)
+    assert capacity_after(0.32) == pytest.approx(K_BUCKET_MAX)
