@@ -142,8 +142,6 @@ class LtBbr(CongestionController):
         self._train_mark = -1
         self._train_first = 0.0
         self._train_base = 0
-        self._train_last = 0.0
-        self._train_acked = 0
         self._train_packets = 0
         self._jumped = False
         self.train_estimate: float | None = None  # bytes per second, once measured
@@ -285,13 +283,11 @@ class LtBbr(CongestionController):
             self._train_base = self._delivered  # this first ACK only starts the clock
             self._train_packets = 1
             return
-        self._train_last = now
-        self._train_acked = self._delivered - self._train_base
         self._train_packets += 1
-        span = self._train_last - self._train_first
+        span = now - self._train_first
         if self._train_packets < K_TRAIN_MIN_PACKETS or span < K_TRAIN_MIN_SPAN:
             return
-        self.train_estimate = self._train_acked / span
+        self.train_estimate = (self._delivered - self._train_base) / span
         self._jumped = True
         jump = K_JUMP_FRACTION * self.train_estimate
         if jump > self._bw():

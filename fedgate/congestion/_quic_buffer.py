@@ -39,8 +39,12 @@ class SendBuffer:
         self._head = 0  # index of the first live chunk
         self._front = 0  # absolute offset of the first byte still held
 
+    def _stop(self) -> int:
+        """Absolute offset just past the last byte written."""
+        return self._ends[-1] if self._ends else 0
+
     def __len__(self) -> int:
-        return (self._ends[-1] if self._ends else 0) - self._front
+        return self._stop() - self._front
 
     def __bool__(self) -> bool:
         return len(self) > 0
@@ -49,14 +53,13 @@ class SendBuffer:
         if data:
             chunk = data if type(data) is bytes else bytes(data)
             self._chunks.append(chunk)
-            self._ends.append((self._ends[-1] if self._ends else 0) + len(chunk))
+            self._ends.append(self._stop() + len(chunk))
         return self
 
     def __delitem__(self, key: Any) -> None:
         if not isinstance(key, slice) or key.start not in (None, 0) or key.step is not None or key.stop is None:
             raise TypeError("SendBuffer only deletes a prefix: del buf[:n]")
-        end = self._ends[-1] if self._ends else 0
-        self._front = min(self._front + max(key.stop, 0), end)
+        self._front = min(self._front + max(key.stop, 0), self._stop())
         chunks, ends, head = self._chunks, self._ends, self._head
         while head < len(chunks) and ends[head] <= self._front:
             chunks[head] = b""  # release the memory now; the slot goes at the next compaction
@@ -71,7 +74,7 @@ class SendBuffer:
         if not isinstance(key, slice) or key.step is not None or key.start is None or key.stop is None:
             raise TypeError("SendBuffer only takes a bounded slice: buf[a:b]")
         start = self._front + max(key.start, 0)
-        stop = min(self._front + key.stop, self._ends[-1] if self._ends else 0)
+        stop = min(self._front + key.stop, self._stop())
         if stop <= start:
             return b""
         ends, chunks = self._ends, self._chunks

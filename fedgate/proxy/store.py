@@ -352,12 +352,12 @@ class SqliteStore:
         rows = [(_encode_header(e), e) for _, e in batch]
 
         def op(conn: sqlite3.Connection) -> None:
-            for header, e in rows:  # newest first, each in front of the last: oldest ends at the head
-                first = conn.execute("SELECT MIN(id) FROM queue").fetchone()[0]
-                conn.execute(
-                    "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
-                    ((first if first is not None else 1) - 1, e.session_id, e.topic, header, e.payload),
-                )
+            first = conn.execute("SELECT MIN(id) FROM queue").fetchone()[0]
+            head = first if first is not None else 1
+            conn.executemany(  # newest first, each in front of the last: the oldest ends at the head
+                "INSERT INTO queue (id, session, topic, header, payload) VALUES (?, ?, ?, ?, ?)",
+                [(head - 1 - i, e.session_id, e.topic, header, e.payload) for i, (header, e) in enumerate(rows)],
+            )
 
         try:
             await self._run(op)
