@@ -15,7 +15,8 @@ Rules of this module:
 3. A signed checkpoint is written with the batch that completes ``checkpoint_every`` entries, when
    ``checkpoint_interval_s`` passed with unsigned entries, and on :meth:`aclose`.
 4. A failed SQLite write ends :meth:`run` with the exception (the task group sees it); nothing is
-   retried silently.
+   retried silently. A cancelled :meth:`run` never drops a batch it handed to the thread, even one
+   the thread had not started yet: the thread writes it and :meth:`aclose` waits for it.
 5. Durability for acknowledgements: :meth:`synced` waits until every record queued before the call
    is committed (group commit: a waiting caller cuts the ``commit_interval_s`` gathering short, and
    the records that arrive while one transaction commits share the next). With ``[audit]
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -44,6 +46,8 @@ from fedgate.errors import LocalError, StoreFullError
 from fedgate.proxy.envelope import Envelope
 
 __all__ = ["LedgerWriter"]
+
+log = logging.getLogger("fedgate.audit")
 
 K_HASH_IN_WRITER = 0  # bytes; payloads of this size or more are hashed on the writer thread (all of them)
 K_MAX_UNHASHED = 256 * 1024 * 1024  # bytes of payload held for hashing at once; beyond, hash at once
@@ -95,6 +99,7 @@ class LedgerWriter:
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._hurry = asyncio.Event()  # set by synced(): stop gathering, commit now
         self._failed: BaseException | None = None
+        self._in_flight: asyncio.Future[None] | None = None  # the last batch handed to the writer thread
         self.written = 0
         """Entries written by this writer."""
 
@@ -182,8 +187,9 @@ class LedgerWriter:
         await self._load_head()
         while True:
             timeout = max(0.0, self._last_checkpoint + self._interval - time.monotonic())
-            try:
-                first = await asyncio.wait_for(self._queue.get(), timeout=timeout if self._unsigned else None)
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (the stop)
+                async with asyncio.timeout(timeout if self._unsigned else None):
+                    first = await self._queue.get()
             except TimeoutError:
                 await self._write([], force_checkpoint=True)
                 continue
@@ -194,7 +200,8 @@ class LedgerWriter:
                     # gather more records into one transaction, unless a caller waits for them (rule 5)
                     self._hurry.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._hurry.wait(), self._commit_interval)
+                        async with asyncio.timeout(self._commit_interval):
+                            await self._hurry.wait()
                 while count < self._batch and not self._queue.empty():
                     self._taken.append(self._queue.get_nowait())
                     count += 1
@@ -216,10 +223,14 @@ class LedgerWriter:
             self._last_checkpoint = time.monotonic()
 
     async def _write(self, items: list[_Item], *, force_checkpoint: bool) -> None:
+        job = asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, items, force_checkpoint)
+        self._in_flight = job
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._write_sync, items, force_checkpoint)
+            # Shielded: cancelling the awaiting task must not cancel the job, or a batch the thread had not
+            # yet picked up (a busy thread, or one that had not woken yet) would be dropped unwritten.
+            await asyncio.shield(job)
         except asyncio.CancelledError:
-            raise  # the thread finishes the batch; aclose() writes what was not taken
+            raise  # the thread writes the batch; aclose() waits for it, then writes what was not taken
         except BaseException as exc:
             self._fail_waiters(exc)
             raise
@@ -249,13 +260,21 @@ class LedgerWriter:
 
     async def aclose(self) -> None:
         """Write what is queued, sign the head and close the file (after cancelling :meth:`run`)."""
-        await self._load_head()
-        rest = self._take()
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-            self._queue.task_done()
-        await self._write(rest, force_checkpoint=True)
-        # a batch whose run() was cancelled mid-write was finished by the (FIFO) thread before this one
-        self._committed(self._recorded - self._durable)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._store.close)
-        self._executor.shutdown(wait=True)
+        try:
+            in_flight = self._in_flight
+            if in_flight is not None and not in_flight.done():
+                try:  # the batch of a run() cancelled mid-write goes first (the chain continues from it)
+                    await asyncio.shield(in_flight)
+                except Exception as exc:  # that batch is lost, as a failed write in run() loses it
+                    log.error("audit ledger write failed: %s", exc)
+                    self._fail_waiters(exc)
+            await self._load_head()
+            rest = self._take()
+            while not self._queue.empty():
+                rest.append(self._queue.get_nowait())
+                self._queue.task_done()
+            await self._write(rest, force_checkpoint=True)
+            self._committed(self._recorded - self._durable)  # including the cancelled run()'s batch
+        finally:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._store.close)
+            self._executor.shutdown(wait=True)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import pathlib
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -240,6 +241,39 @@ def test_records_gathered_for_a_commit_survive_a_cancel(tmp_path: pathlib.Path) 
     assert [e.record.message_id for e in store.entries()] == ["m1", "m2"]
     store.close()
     assert verify(tmp_path / "l.db", key)[0]
+
+
+def test_a_batch_handed_to_a_busy_writer_thread_survives_a_cancel(tmp_path: pathlib.Path) -> None:
+    """Cancelling run() right after it handed a batch over, before the writer thread picked the job up (a
+    busy thread, or one not scheduled yet on a loaded host), must not drop the batch (it once did: the
+    gateway's stop lost the last records, found by a failed reconcile in CI)."""
+    key = Ed25519PrivateKey.generate()
+
+    async def scenario() -> None:
+        writer = LedgerWriter(LedgerStore(tmp_path / "l.db"), key, commit_interval_s=0.0)
+        task = asyncio.create_task(writer.run())
+        while writer._chain is None:  # the head is loaded: run() waits for records
+            await asyncio.sleep(0.01)
+        gate = threading.Event()
+        writer._executor.submit(gate.wait, 10.0)  # the writer thread is busy; the next job waits its turn
+        writer.record(envelope(1), "out", "accept", "", now=1.0)
+        for _ in range(100):  # run() takes the record and hands its batch to the (busy) thread
+            if writer._queue.empty() and not writer._taken:
+                break
+            await asyncio.sleep(0)
+        assert writer._queue.empty() and not writer._taken
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        writer.record(envelope(2), "out", "accept", "", now=2.0)
+        gate.set()
+        await writer.aclose()
+
+    asyncio.run(scenario())
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    assert [e.record.message_id for e in store.entries()] == ["m1", "m2"]
+    store.close()
+    assert verify(tmp_path / "l.db", key) == (True, None, "ok")
 
 
 def test_writer_queue_full_is_store_full(tmp_path: pathlib.Path) -> None:
