@@ -25,7 +25,7 @@ import logging
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -112,6 +112,7 @@ class SqliteStore:
         self._pending: list[_Pending] = []
         self._flushing = False
         self._closed = False
+        self._background: set[asyncio.Task[None]] = set()  # the writer and put-backs (held until done)
         # Parked pops per queue; a waiter's future gets None (look in the table) or the Envelope itself.
         self._waiters: dict[tuple[str, str], collections.deque[asyncio.Future[Envelope | None]]] = {}
         # Messages stored or being stored per queue: a put hands its message straight to a parked pop
@@ -171,6 +172,8 @@ class SqliteStore:
     async def aclose(self) -> None:
         if self._closed:
             return
+        while self._background:  # the put-backs of cancelled pops are written before the store closes
+            await asyncio.gather(*self._background, return_exceptions=True)
         self._closed = True
         while self._flushing or self._pending:
             await asyncio.sleep(0.005)
@@ -197,7 +200,7 @@ class SqliteStore:
         self._pending.append(_Pending(op, fut))
         if not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
+            self._spawn(self._flush())
         return await fut
 
     async def _flush(self) -> None:
@@ -344,7 +347,7 @@ class SqliteStore:
         self._depth[key] += 1
         self._requeues.append((self._handoff_order.pop(id(envelope), 0), envelope))
         if len(self._requeues) == 1:
-            asyncio.get_running_loop().create_task(self._flush_requeues())
+            self._spawn(self._flush_requeues())
 
     async def _flush_requeues(self) -> None:
         await asyncio.sleep(0)  # let the other pops cancelled in this turn add theirs
@@ -425,7 +428,12 @@ class SqliteStore:
             self._queued += 1
             self._wake((session, topic))
 
-        asyncio.get_running_loop().create_task(restore())
+        self._spawn(restore())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def pop(self, session: str, topic: str, *, timeout: float) -> Envelope | None:
         """Long-poll pop: the oldest message, waiting up to ``timeout`` seconds; None on expiry."""

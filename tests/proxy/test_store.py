@@ -274,6 +274,31 @@ def test_handoffs_cancelled_together_all_go_back_in_order(tmp_path: pathlib.Path
     asyncio.run(main())
 
 
+def test_handoffs_cancelled_as_the_store_closes_are_put_back_before_it_closes(tmp_path: pathlib.Path) -> None:
+    # A gateway stop cancels parked pops and closes the store right after: the put-backs still in
+    # flight must be written first (they used to fail with "store is closed" and the messages were lost).
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        tasks = [asyncio.create_task(store.pop("s", "t", timeout=30)) for _ in range(2)]
+        while len(store._waiters.get(("s", "t"), ())) < 2:
+            await asyncio.sleep(0.005)
+        await store.put(env("t", b"a"))
+        await store.put(env("t", b"b"))
+        for task in tasks:
+            task.cancel()
+        while not all(task.done() for task in tasks):
+            await asyncio.sleep(0)
+        await store.aclose()  # at once: the put-backs are scheduled, not yet written
+        store = await open_store(tmp_path)
+        left = []
+        while (e := await store.pop_nowait("s", "t")) is not None:
+            left.append(e.payload)
+        assert left == [b"a", b"b"]
+        await store.aclose()
+
+    asyncio.run(main())
+
+
 def test_deliver_many_is_one_all_or_nothing_write_with_dedup(tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         store = await open_store(tmp_path, max_bytes=1024 * 1024)
