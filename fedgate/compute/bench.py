@@ -265,7 +265,7 @@ async def _service_overhead(
         backend = server.service.backend
         async with HeClient(f"127.0.0.1:{server.port}", config=config, shared_memory=not inline) as he:
             pk = await he.generate_key(bits)
-            sk = server.service.keys.secret(pk.key_id)
+            sk = server.service.keys.secret(pk.key_id, he.secret_token(pk))
             pts = to_limbs((secrets.randbelow(pk.n) for _ in range(batch)), pk.plain_width)
             cts = backend.encrypt(pk, pts)
             ks = to_limbs((secrets.randbits(64) for _ in range(batch)), pk.plain_width)

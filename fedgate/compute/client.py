@@ -6,13 +6,19 @@
         sums = await he.add(pk, cts, cts)
         plain = await he.decrypt(pk, sums)          # the gateway holds the secret key
 
+Decryption (and dropping a secret key) needs the key's token, which the gateway hands to the client
+that generated or imported the key; this client keeps it and sends it. Another process that should
+decrypt with the same key gets it from this one: ``he.secret_token(pk)``, then
+``other.set_secret_token(pk, token)`` (a capability: hand it over only as you would the secret key).
+
 Same-host clients (a loopback or ``unix:`` target on Linux) hand batches of 256 KiB and more to the
 gateway in shared memory (:mod:`fedgate.compute.shm`); ``shared_memory=False`` turns that off, and a
 gateway that refuses it is answered with inline bytes from then on. ``transport`` says which is in use.
 
 Rules: server errors become :class:`~fedgate.errors.FedgateError` subclasses by gRPC status
 (INVALID_ARGUMENT -> InvalidRequestError, NOT_FOUND -> UnknownKeyError, UNAVAILABLE ->
-PeerUnavailableError, anything else -> LocalError), raised ``from`` the grpc error.
+PeerUnavailableError, PERMISSION_DENIED -> KeyTokenError, anything else -> LocalError), raised ``from``
+the grpc error.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import msgpack
 
 from fedgate.compute import shm
 from fedgate.compute.config import ComputeConfig
-from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
+from fedgate.compute.keystore import KeyTokenError, NoSecretKeyError, UnknownKeyError
 from fedgate.compute.limbs import LimbBuffer
 from fedgate.compute.paillier import PublicKey
 from fedgate.compute.service import K_SERVICE, server_options
@@ -40,6 +46,7 @@ K_ERRORS: dict[grpc.StatusCode, type[FedgateError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: NoSecretKeyError,
     grpc.StatusCode.UNAVAILABLE: PeerUnavailableError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StoreFullError,
+    grpc.StatusCode.PERMISSION_DENIED: KeyTokenError,
 }
 
 
@@ -58,6 +65,7 @@ class HeClient:
         self._timeout = timeout_s
         use_shm = _same_host(target) if shared_memory is None else shared_memory
         self._arenas: shm.ArenaPool | None = shm.ArenaPool() if use_shm and shm.available() else None
+        self._tokens: dict[str, bytes] = {}  # key id -> the token of a secret key this client holds
 
     @property
     def transport(self) -> str:
@@ -117,7 +125,9 @@ class HeClient:
     async def generate_key(self, bits: int | None = None) -> PublicKey:
         """A key pair generated in the gateway; the secret stays there."""
         reply = await self.call("GenerateKey", {} if bits is None else {"bits": bits})
-        return PublicKey(int.from_bytes(reply["n"], "little"))
+        pk = PublicKey(int.from_bytes(reply["n"], "little"))
+        self._tokens[pk.key_id] = bytes(reply["secret_token"])
+        return pk
 
     async def register_public_key(self, pk: PublicKey) -> str:
         """Register someone's public key for encryption and evaluation."""
@@ -132,7 +142,21 @@ class HeClient:
 
     async def import_fate_secret_key(self, state: bytes) -> str:
         """Move a fate_utils ``SK.__getstate__()`` into the gateway (it never comes back out)."""
-        return str((await self.call("ImportSecretKey", {"fate_sk": bytes(state)}))["key_id"])
+        reply = await self.call("ImportSecretKey", {"fate_sk": bytes(state)})
+        key_id = str(reply["key_id"])
+        self._tokens[key_id] = bytes(reply["secret_token"])
+        return key_id
+
+    def secret_token(self, pk: PublicKey) -> bytes:
+        """The token of a secret key this client generated or imported (to hand to another process)."""
+        token = self._tokens.get(pk.key_id)
+        if token is None:
+            raise KeyTokenError(f"this client holds no secret_token for key {pk.key_id!r}")
+        return token
+
+    def set_secret_token(self, pk: PublicKey, token: bytes) -> None:
+        """Use a secret key's token received from the client that holds it."""
+        self._tokens[pk.key_id] = bytes(token)
 
     async def encrypt(self, pk: PublicKey, plaintexts: LimbBuffer, *, obfuscate: bool = True) -> LimbBuffer:
         """Batch encryption."""
@@ -142,7 +166,7 @@ class HeClient:
 
     async def decrypt(self, pk: PublicKey, ciphertexts: LimbBuffer) -> LimbBuffer:
         """Batch decryption by the gateway (it must hold the secret key)."""
-        req = {"key_id": pk.key_id, "ciphertexts": ciphertexts.data}
+        req = {"key_id": pk.key_id, "secret_token": self._tokens.get(pk.key_id, b""), "ciphertexts": ciphertexts.data}
         out = ciphertexts.count * pk.plain_width * 4
         return LimbBuffer((await self._batch("Decrypt", req, ["ciphertexts"], out))["plaintexts"], pk.plain_width)
 
@@ -160,8 +184,11 @@ class HeClient:
         return LimbBuffer(reply["ciphertexts"], pk.cipher_width)
 
     async def drop_key(self, pk: PublicKey) -> bool:
-        """Forget a key in the gateway."""
-        return bool((await self.call("DropKey", {"key_id": pk.key_id}))["dropped"])
+        """Forget a key in the gateway (a secret key only with its token)."""
+        req = {"key_id": pk.key_id, "secret_token": self._tokens.get(pk.key_id, b"")}
+        dropped = bool((await self.call("DropKey", req))["dropped"])
+        self._tokens.pop(pk.key_id, None)
+        return dropped
 
     async def stats(self) -> dict[str, Any]:
         """Backend counters."""

@@ -4,15 +4,15 @@ Wire format: gRPC service ``fedgate.compute.HeOffload`` with msgpack-encoded map
 protobuf stubs to generate). Numbers travel as fixed-width little-endian limb bytes, the backends'
 own layout, so a call costs no per-element conversion on the way in or out.
 
-    GenerateKey        {bits}                                  -> {key_id, n}
+    GenerateKey        {bits}                                  -> {key_id, n, secret_token}
     RegisterPublicKey  {n} | {fate_pk}                         -> {key_id}
-    ImportSecretKey    {fate_sk}                               -> {key_id}     (into the gateway only)
+    ImportSecretKey    {fate_sk}                               -> {key_id, secret_token} (into the gateway only)
     PublicKey          {key_id}                                -> {key_id, n, fate_pk}
     Encrypt            {key_id, plaintexts, obfuscate=true}    -> {ciphertexts}
-    Decrypt            {key_id, ciphertexts}                   -> {plaintexts}
+    Decrypt            {key_id, secret_token, ciphertexts}     -> {plaintexts}
     Add                {key_id, a, b}                          -> {ciphertexts}
     MulScalar          {key_id, ciphertexts, scalars}          -> {ciphertexts}
-    DropKey            {key_id}                                -> {dropped}
+    DropKey            {key_id, secret_token (for a secret)}   -> {dropped}
     Stats              {}                                      -> {backend, device, keys, encrypted, ...}
 
 Same-host clients may hand the large byte fields over in shared memory instead (``shm``, ``shm_in``,
@@ -25,10 +25,13 @@ Same-host clients may hand the large byte fields over in shared memory instead (
 Rules of this module:
 
 1. Secret keys never leave the gateway: no response carries one; log lines carry key ids and counts
-   only, never request or response bodies.
-2. A :class:`~fedgate.errors.FedgateError` fails the RPC with its ``grpc_status``; a malformed
+   only, never request or response bodies (nor tokens).
+2. Decrypt and dropping a secret key take the key's ``secret_token``, given only to the caller that
+   generated or imported the key (:mod:`fedgate.compute.keystore` rule 3); a missing or wrong one fails
+   with PERMISSION_DENIED.
+3. A :class:`~fedgate.errors.FedgateError` fails the RPC with its ``grpc_status``; a malformed
    message fails with INVALID_ARGUMENT; nothing else escapes.
-3. The arithmetic runs in worker threads (the cpu backend fans out to its process pool from there),
+4. The arithmetic runs in worker threads (the cpu backend fans out to its process pool from there),
    so the event loop keeps serving; randomness pools are refilled in the background after encrypts.
 
 For the integrator: ``server = await serve_compute(config.compute)`` starts it on
@@ -85,6 +88,13 @@ def _field(req: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
         raise InvalidRequestError(f"field {name!r} must be {kind.__name__}")
     return value
+
+
+def _token(req: dict[str, Any]) -> bytes:
+    token = req.get("secret_token", b"")
+    if not isinstance(token, bytes):
+        raise InvalidRequestError("field 'secret_token' must be bytes")
+    return token
 
 
 class HeService:
@@ -145,10 +155,11 @@ class HeService:
         bits = req.get("bits", self._config.key_bits)
         if not isinstance(bits, int) or isinstance(bits, bool):
             raise InvalidRequestError("field 'bits' must be int")
-        pk = await asyncio.to_thread(self.keys.generate, bits)
+        entry = await asyncio.to_thread(self.keys.generate, bits)
+        pk = entry.public
         log.info("HE key generated", extra={"fields": {"key_id": pk.key_id, "bits": pk.bits}})
         self._refill_later(pk)
-        return {"key_id": pk.key_id, "n": pk.n.to_bytes(pk.plain_width * 4, "little")}
+        return {"key_id": pk.key_id, "n": pk.n.to_bytes(pk.plain_width * 4, "little"), "secret_token": entry.token}
 
     async def register_public_key(self, req: dict[str, Any]) -> dict[str, Any]:
         if "fate_pk" in req:
@@ -161,9 +172,10 @@ class HeService:
 
     async def import_secret_key(self, req: dict[str, Any]) -> dict[str, Any]:
         sk = fate.load_secret_key(_field(req, "fate_sk", bytes))
-        key_id = self.keys.add_secret(sk)
+        entry = self.keys.add_secret(sk)
+        key_id = entry.public.key_id
         log.info("HE secret key imported", extra={"fields": {"key_id": key_id, "bits": sk.public.bits}})
-        return {"key_id": key_id}
+        return {"key_id": key_id, "secret_token": entry.token}
 
     async def public_key(self, req: dict[str, Any]) -> dict[str, Any]:
         pk = self._key(req)
@@ -183,7 +195,7 @@ class HeService:
 
     async def decrypt(self, req: dict[str, Any]) -> dict[str, Any]:
         key_id = _field(req, "key_id", str)
-        sk = self.keys.secret(key_id)
+        sk = self.keys.secret(key_id, _token(req))
         cts = self._buffer(req, "ciphertexts", sk.public.cipher_width)
         out = await asyncio.to_thread(self.backend.decrypt, sk, cts)
         return {"plaintexts": out.data}
@@ -204,13 +216,14 @@ class HeService:
 
     async def drop_key(self, req: dict[str, Any]) -> dict[str, Any]:
         key_id = _field(req, "key_id", str)
-        if key_id in self.keys.ids():
-            pk = self.keys.public(key_id)
-            forget = getattr(self.backend, "forget", None)
-            if callable(forget):
-                forget(pk)
-        dropped = self.keys.drop(key_id)
-        return {"dropped": dropped}
+        if key_id not in self.keys.ids():
+            return {"dropped": False}
+        pk = self.keys.public(key_id)
+        self.keys.drop(key_id, _token(req))  # checks the token of a secret key before anything is forgotten
+        forget = getattr(self.backend, "forget", None)
+        if callable(forget):
+            forget(pk)
+        return {"dropped": True}
 
     async def stats(self, req: dict[str, Any]) -> dict[str, Any]:
         s = self.backend.statistics()

@@ -12,7 +12,7 @@ from fedgate.compute import fate
 from fedgate.compute.client import HeClient
 from fedgate.compute.config import ComputeConfig
 from fedgate.compute.cpu import CpuBackend
-from fedgate.compute.keystore import NoSecretKeyError, UnknownKeyError
+from fedgate.compute.keystore import KeyTokenError, NoSecretKeyError, UnknownKeyError
 from fedgate.compute.limbs import from_limbs, to_limbs
 from fedgate.compute.paillier import decrypt_raw, generate_keypair
 from fedgate.compute.service import serve_compute
@@ -58,7 +58,7 @@ def test_roundtrip_and_evaluation_over_grpc(caplog: pytest.LogCaptureFixture) ->
                 replies = [await he.call("PublicKey", {"key_id": pk.key_id}), stats]
                 blob = repr(replies).encode() + repr(await he.call("Stats", {})).encode()
                 text = "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
-                for form in _secret_forms(entry.secret.p, entry.secret.q):
+                for form in [*_secret_forms(entry.secret.p, entry.secret.q), entry.token, entry.token.hex().encode()]:
                     assert form not in blob and form.decode("latin-1") not in text
                 assert pk.key_id in text  # logs name keys by id
                 assert await he.drop_key(pk)
@@ -86,6 +86,52 @@ def test_public_only_keys_and_fate_keys() -> None:
                 assert fpk == pk
                 assert await he.import_fate_secret_key(fate.dump_secret_key(sk)) == pk.key_id
                 assert from_limbs(await he.decrypt(pk, cts)) == [11, 12]
+        finally:
+            await server.stop(0)
+
+    _run(scenario())
+
+
+def test_only_the_holder_of_a_secret_keys_token_decrypts_or_drops_it() -> None:
+    # Any local process reaches the service, and every party that saw the public key can compute its
+    # id: the id alone must not decrypt. The token goes to the client that generated or imported the key.
+    async def scenario() -> None:
+        server = await serve_compute(CONFIG, listen="127.0.0.1:0", backend=CpuBackend(CONFIG))
+        target = f"127.0.0.1:{server.port}"
+        try:
+            async with HeClient(target, config=CONFIG) as owner, HeClient(target, config=CONFIG) as other:
+                pk = await owner.generate_key(1024)
+                assert await other.register_public_key(pk) == pk.key_id  # public use is open to all
+                small = await other.encrypt(pk, to_limbs([4, 5], pk.plain_width))
+                large = await other.encrypt(pk, to_limbs(range(1000), pk.plain_width))  # through shared memory
+                for cts in (small, large):
+                    with pytest.raises(KeyTokenError, match="no secret_token"):
+                        await other.decrypt(pk, cts)
+                raw = {"key_id": pk.key_id, "ciphertexts": small.data}
+                with pytest.raises(KeyTokenError, match="wrong secret_token"):
+                    await other.call("Decrypt", {**raw, "secret_token": bytes(32)})
+                with pytest.raises(InvalidRequestError, match="secret_token"):
+                    await other.call("Decrypt", {**raw, "secret_token": "not bytes"})
+                with pytest.raises(KeyTokenError):
+                    await other.drop_key(pk)
+                with pytest.raises(KeyTokenError, match="holds no secret_token"):
+                    other.secret_token(pk)
+                assert from_limbs(await owner.decrypt(pk, small)) == [4, 5]
+                other.set_secret_token(pk, owner.secret_token(pk))  # handed over on purpose
+                assert from_limbs(await other.decrypt(pk, large)) == list(range(1000))
+                assert await other.drop_key(pk)
+                assert not await owner.drop_key(pk)
+
+                # an imported secret key: the importer gets the token; importing it again gives the same
+                pk2, sk2 = generate_keypair(1024)
+                await other.register_public_key(pk2)
+                assert await owner.import_fate_secret_key(fate.dump_secret_key(sk2)) == pk2.key_id
+                cts = await other.encrypt(pk2, to_limbs([9], pk2.plain_width))
+                with pytest.raises(KeyTokenError):
+                    await other.decrypt(pk2, cts)
+                await other.import_fate_secret_key(fate.dump_secret_key(sk2))
+                assert other.secret_token(pk2) == owner.secret_token(pk2)
+                assert from_limbs(await owner.decrypt(pk2, cts)) == [9]
         finally:
             await server.stop(0)
 
