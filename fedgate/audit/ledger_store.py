@@ -7,6 +7,11 @@ Rules of this module:
 2. Blocking calls: the asyncio writer (``ledger_writer``) runs them on its own single thread; the
    CLI calls them directly.
 3. Reads return entries in ``seq`` order exactly as stored, so verification sees what is on disk.
+4. A batch is written with few statements: multi-row INSERTs of up to ``K_ROWS_PER_INSERT`` rows.
+   The sqlite3 module releases the GIL around every statement step, and the writer thread must win
+   it back each time from the event loop's thread: ``executemany`` (one step per row) made a 40-row
+   batch take 156 ms beside a thread running Python without pause, against 19 ms in three statements
+   (``BEGIN``, one INSERT, ``COMMIT``). Beside a loop that blocks now and then, both take ~6 ms.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ _COLUMNS = (
     "seq, ts, direction, src_party, dst_party, session_id, topic, message_id, size, sha256, verdict, rule, "
     "prev_hash, hash"
 )
+_ROW = "(" + ", ".join("?" * 14) + ")"
+K_ROWS_PER_INSERT = 64  # rows per INSERT statement (64 x 14 variables, under SQLite's oldest limit of 999)
 
 
 class LedgerStore:
@@ -87,27 +94,17 @@ class LedgerStore:
 
     def append(self, entries: Sequence[LedgerEntry], checkpoint: Checkpoint | None = None) -> None:
         """Write a batch of entries (and optionally a checkpoint) in one transaction."""
-        rows = [
-            (
-                e.seq,
-                e.record.ts,
-                e.record.direction,
-                e.record.src_party,
-                e.record.dst_party,
-                e.record.session_id,
-                e.record.topic,
-                e.record.message_id,
-                e.record.size,
-                e.record.sha256,
-                e.record.verdict,
-                e.record.rule,
-                e.prev_hash,
-                e.hash,
-            )
-            for e in entries
-        ]
+        values: list[object] = []
+        for e in entries:
+            r = e.record
+            values += (e.seq, r.ts, r.direction, r.src_party, r.dst_party, r.session_id, r.topic, r.message_id,
+                       r.size, r.sha256, r.verdict, r.rule, e.prev_hash, e.hash)
         with self._transaction():
-            self._db.executemany(f"INSERT INTO entries ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows)
+            per_row = 14
+            for start in range(0, len(values), K_ROWS_PER_INSERT * per_row):  # rule 4
+                chunk = values[start : start + K_ROWS_PER_INSERT * per_row]
+                rows = ", ".join([_ROW] * (len(chunk) // per_row))
+                self._db.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES {rows}", chunk)
             if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints (seq, hash, ts, signature, public_key) VALUES (?, ?, ?, ?, ?)",

@@ -18,6 +18,7 @@ from fedgate.audit import AuditConfig, HashChain, LedgerStore, LedgerWriter, ver
 from fedgate.audit.cli import main, reconcile
 from fedgate.audit.keys import load_public_key, load_signing_key
 from fedgate.audit.ledger_core import Checkpoint, LedgerEntry, record_for, sign_checkpoint
+from fedgate.audit.ledger_store import K_ROWS_PER_INSERT
 from fedgate.audit.ledger_writer import K_HASH_IN_WRITER
 from fedgate.errors import ConfigError, LocalError, StoreFullError
 from fedgate.proxy.envelope import Envelope
@@ -72,6 +73,20 @@ def sql(path: pathlib.Path, statement: str, *args: object) -> None:
     db.execute(statement, args)
     db.commit()
     db.close()
+
+
+def test_a_batch_larger_than_one_insert_is_written_whole_and_in_order(tmp_path: pathlib.Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    n = 2 * K_ROWS_PER_INSERT + 5  # three INSERT statements, the last one short
+    chain = HashChain(seq=0, head=LedgerStore(tmp_path / "l.db").head()[1])
+    entries = [chain.append(record_for(envelope(i), "in", "accept", "", now=float(i))) for i in range(1, n + 1)]
+    store = LedgerStore(tmp_path / "l.db")
+    store.append(entries, sign_checkpoint(key, chain.seq, chain.head, now=0.0))
+    store.close()
+    store = LedgerStore(tmp_path / "l.db", readonly=True)
+    assert list(store.entries()) == entries
+    store.close()
+    assert verify(tmp_path / "l.db", key) == (True, None, "ok")
 
 
 def test_intact_ledger_verifies(ledger: pathlib.Path, key: Ed25519PrivateKey) -> None:
