@@ -173,7 +173,7 @@ class SqliteStore:
         if self._closed:
             return
         while self._background:  # the put-backs of cancelled pops are written before the store closes
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.wait(set(self._background))  # (wait, unlike gather, never cancels them)
         self._closed = True
         while self._flushing or self._pending:
             await asyncio.sleep(0.005)
