@@ -57,7 +57,8 @@ _COLUMNS = (
     "seq, ts, direction, src_party, dst_party, session_id, topic, message_id, size, sha256, verdict, rule, "
     "prev_hash, hash"
 )
-_ROW = "(" + ", ".join("?" * 14) + ")"
+_WIDTH = _COLUMNS.count(",") + 1  # values per row
+_ROW = "(" + ", ".join("?" * _WIDTH) + ")"
 K_ROWS_PER_INSERT = 64  # rows per INSERT statement (64 x 14 variables, under SQLite's oldest limit of 999)
 
 
@@ -99,11 +100,11 @@ class LedgerStore:
             r = e.record
             values += (e.seq, r.ts, r.direction, r.src_party, r.dst_party, r.session_id, r.topic, r.message_id,
                        r.size, r.sha256, r.verdict, r.rule, e.prev_hash, e.hash)
+        step = K_ROWS_PER_INSERT * _WIDTH
         with self._transaction():
-            per_row = 14
-            for start in range(0, len(values), K_ROWS_PER_INSERT * per_row):  # rule 4
-                chunk = values[start : start + K_ROWS_PER_INSERT * per_row]
-                rows = ", ".join([_ROW] * (len(chunk) // per_row))
+            for start in range(0, len(values), step):  # rule 4
+                chunk = values[start : start + step]
+                rows = ", ".join([_ROW] * (len(chunk) // _WIDTH))
                 self._db.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES {rows}", chunk)
             if checkpoint is not None:
                 self._db.execute(

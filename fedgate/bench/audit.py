@@ -117,7 +117,6 @@ class _Run:
 
     mode: str
     cases: dict[tuple[str, str], _Sample] = field(default_factory=dict)
-    rates: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def total(self, size: str) -> _Sample:
         out = _Sample()
@@ -188,7 +187,6 @@ def _measure(modes: Sequence[str], rounds: int, counts: dict[str, int], *, concu
                     for mode in order:
                         sample = _case(pairs[mode], path, transport, size, counts[label], concurrency)
                         runs[(mode, i)].cases[(label, path)] = sample
-                        runs[(mode, i)].rates[(label, path)] = sample.rate
                 print(f"{path}: round {i + 1}/{rounds} " + "  ".join(
                     f"{m} {runs[(m, i)].cases[('1KiB', path)].per_message_us:5.0f}/"
                     f"{runs[(m, i)].cases[('1MiB', path)].per_message_us:6.0f}" for m in modes)

@@ -68,6 +68,9 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._keys
+
     def _put(self, entry: KeyEntry) -> KeyEntry:
         key_id = entry.public.key_id
         old = self._keys.get(key_id)

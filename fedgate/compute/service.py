@@ -216,7 +216,7 @@ class HeService:
 
     async def drop_key(self, req: dict[str, Any]) -> dict[str, Any]:
         key_id = _field(req, "key_id", str)
-        if key_id not in self.keys.ids():
+        if key_id not in self.keys:
             return {"dropped": False}
         pk = self.keys.public(key_id)
         self.keys.drop(key_id, _token(req))  # checks the token of a secret key before anything is forgotten

@@ -172,11 +172,12 @@ class SqliteStore:
     async def aclose(self) -> None:
         if self._closed:
             return
-        while self._background:  # the put-backs of cancelled pops are written before the store closes
-            await asyncio.wait(set(self._background))  # (wait, unlike gather, never cancels them)
+        # The writer and the put-backs of cancelled pops finish before the store closes (asyncio.wait,
+        # unlike gather, never cancels them); no await between the last wait and _closed, so nothing
+        # new is pending then.
+        while self._background:
+            await asyncio.wait(set(self._background))
         self._closed = True
-        while self._flushing or self._pending:
-            await asyncio.sleep(0.005)
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
