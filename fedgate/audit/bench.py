@@ -6,7 +6,8 @@ and hash the payload (SHA-256, the ledger's digest). The audited path is ``Audit
 tensor through FATE's safetensors persistent id, of about 1 KiB and 1 MiB; plus a 2048-bit Paillier
 key object (a forged-by-hand ``fate_utils.paillier.PK``, the same opcodes as the real one); the
 payloads ``fedgate bench proxy`` pushes (a pickle of random bytes); and, last, the ledger's cost per
-record (hash, queue, batched SQLite write) through a real :class:`LedgerWriter` in a temporary file.
+record (hash, queue, batched SQLite write) through a real :class:`LedgerWriter` in a temporary file;
+and a ledger batch written beside a busy thread, by ``executemany`` and by the store (ledger_store rule 4).
 
 Rules: an adapter (it reads the clock); prints one JSON line per case; figures are process CPU time
 per call, best of interleaved rounds, and only comparable within one run.
@@ -198,7 +199,65 @@ def main(argv: Sequence[str]) -> int:
         )
     for size in (1024, 1 << 20):
         print(json.dumps({"case": f"ledger_record_{size}B", "per_record_us": round(_ledger_cost(size) * 1e6, 2)}))
+    row_by_row, multi_row = _ledger_batch_beside_busy_thread()
+    print(json.dumps({"case": "ledger_batch_beside_busy_thread", "rows_per_batch": K_BUSY_BATCH,
+                      "executemany_ms": round(row_by_row * 1e3, 2), "ledger_store_ms": round(multi_row * 1e3, 2),
+                      "ratio_executemany_to_ledger_store": round(row_by_row / multi_row, 2)}))
     return 0
+
+
+K_BUSY_BATCH = 40  # entries per batch in the busy-thread case (a 50 ms gathering at 800 msg/s)
+K_BUSY_BATCHES = 30
+
+
+def _ledger_batch_beside_busy_thread() -> tuple[float, float]:
+    """Median wall seconds to append one batch while another thread runs Python without pause (the GIL
+    case of ``ledger_store`` rule 4): ``executemany``, one statement step and one GIL hand-back per row,
+    against :meth:`LedgerStore.append`'s multi-row INSERTs, side by side."""
+    import threading
+    from collections.abc import Sequence as Seq
+
+    from fedgate.audit.ledger_core import Checkpoint, HashChain, LedgerEntry
+    from fedgate.audit.ledger_store import LedgerStore
+
+    class RowByRow(LedgerStore):
+        def append(self, entries: Seq[LedgerEntry], checkpoint: Checkpoint | None = None) -> None:
+            rows = [(e.seq, e.record.ts, e.record.direction, e.record.src_party, e.record.dst_party,
+                     e.record.session_id, e.record.topic, e.record.message_id, e.record.size, e.record.sha256,
+                     e.record.verdict, e.record.rule, e.prev_hash, e.hash) for e in entries]
+            with self._transaction():
+                self._db.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * 14)})", rows)
+
+    env = _envelope("ledger", b"\x00" + bytes(1024))
+    chain = HashChain(seq=0, head="0" * 64)
+    batches = [[chain.append(record_for(env, "in", "accept", "", now=0.0)) for _ in range(K_BUSY_BATCH)]
+               for _ in range(K_BUSY_BATCHES)]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(200))
+
+    def median_append(store: LedgerStore) -> float:
+        times = []
+        for batch in batches:
+            start = time.perf_counter()
+            store.append(batch)
+            times.append(time.perf_counter() - start)
+            time.sleep(0.005)
+        store.close()
+        return sorted(times)[len(times) // 2]
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            slow = median_append(RowByRow(f"{tmp}/a.db"))
+            fast = median_append(LedgerStore(f"{tmp}/b.db"))
+    finally:
+        stop.set()
+        spinner.join()
+    return slow, fast
 
 
 def _ledger_cost(size: int) -> float:

@@ -9,9 +9,10 @@ Rules of this module:
 3. Reads return entries in ``seq`` order exactly as stored, so verification sees what is on disk.
 4. A batch is written with few statements: multi-row INSERTs of up to ``K_ROWS_PER_INSERT`` rows.
    The sqlite3 module releases the GIL around every statement step, and the writer thread must win
-   it back each time from the event loop's thread: ``executemany`` (one step per row) made a 40-row
-   batch take 156 ms beside a thread running Python without pause, against 19 ms in three statements
-   (``BEGIN``, one INSERT, ``COMMIT``). Beside a loop that blocks now and then, both take ~6 ms.
+   it back each time from the event loop's thread: beside a thread running Python without pause, a
+   40-row batch took 232-245 ms by ``executemany`` (one step per row) against 16-21 ms in three
+   statements (``BEGIN``, one INSERT, ``COMMIT``): ``fedgate bench audit --micro``, case
+   ``ledger_batch_beside_busy_thread``. Beside a loop that blocks now and then, both take ~6 ms.
 """
 
 from __future__ import annotations
