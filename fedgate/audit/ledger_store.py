@@ -12,8 +12,7 @@ Rules of this module:
    it back each time from the event loop's thread: beside a thread running Python without pause, a
    40-row batch took 232-245 ms by ``executemany`` (one step per row) against 16-21 ms in three
    statements (``BEGIN``, one INSERT, ``COMMIT``): ``fedgate bench audit --micro``, case
-   ``ledger_batch_beside_busy_thread``. The gain needs a busy GIL: beside an idle loop the two cost
-   about the same.
+   ``ledger_batch_beside_busy_thread``. The gain comes from the competition for the GIL.
 """
 
 from __future__ import annotations
