@@ -116,6 +116,11 @@ class LinkConfig:
     """Also accept QUIC links on the same port number (UDP)."""
     rdma_listen: str = ""
     """host:port of the RDMA carrier's control listener; empty: no RDMA links accepted."""
+    lanes_per_peer: int = field(default=1, metadata=bounds(ge=1, le=16))
+    """Links per peer gateway, side by side; messages are spread over them by (session, topic), so
+    each topic keeps its order. Over QUIC each lane is its own connection (and with
+    ``quic.workers``, its own process): more than one when one core cannot carry a peer's traffic.
+    Every peer must run a fedgate that knows lanes (HELLO capability ``lanes``)."""
 
 
 @dataclass(frozen=True, slots=True)

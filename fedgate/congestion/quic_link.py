@@ -2,8 +2,10 @@
 
 Rules of this module (with :mod:`fedgate.congestion._quic_conn`, the asyncio adapter of the package):
 
-1. One QUIC connection per peer (host, port, expected party, security mode); every ``connect`` opens one
-   bidirectional stream on it, every stream the peer opens becomes a channel for the listener's handler.
+1. One QUIC connection per peer (host, port, expected party, security mode) and link lane; every
+   ``connect`` opens one bidirectional stream on it, every stream the peer opens becomes a channel for
+   the listener's handler. Lanes (``link.lanes_per_peer``) are separate connections so that
+   ``QuicConfig.workers`` can put them in separate processes.
 2. The connection's congestion controller is ours (``QuicConfig.congestion_control``), with our pacer
    (:func:`fedgate.congestion._quic_cc.install`); flow-control windows come from ``QuicConfig`` and
    should be >= twice the path's bandwidth-delay product.
@@ -91,8 +93,8 @@ class QuicCarrier:
     def __init__(self, config: QuicConfig | None = None, *, identity: QuicIdentity | None = None) -> None:
         self.config = config if config is not None else QuicConfig()
         self._identity = identity
-        self._clients: dict[tuple[str, int, str | None, bool], _LinkProtocol] = {}
-        self._locks: dict[tuple[str, int, str | None, bool], asyncio.Lock] = {}
+        self._clients: dict[tuple[str, int, str | None, bool, int], _LinkProtocol] = {}
+        self._locks: dict[tuple[str, int, str | None, bool, int], asyncio.Lock] = {}
         qlog_dir = self.config.qlog_dir
         self._qlog = _QlogSink(pathlib.Path(qlog_dir), self.config.qlog_peers) if qlog_dir else None
         if qlog_dir and not pathlib.Path(qlog_dir).is_dir():
@@ -134,10 +136,11 @@ class QuicCarrier:
         return cfg
 
     async def connect(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float,
+        lane: int = 0,
     ) -> QuicByteChannel:
         identity = self._identity_for(tls)
-        key = (host, port, server_hostname, identity is not None)
+        key = (host, port, server_hostname, identity is not None, lane)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             protocol = self._clients.get(key)

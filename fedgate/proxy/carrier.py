@@ -55,9 +55,14 @@ class Carrier(Protocol):
     def name(self) -> str: ...
 
     async def connect(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float,
+        lane: int = 0,
     ) -> ByteChannel:
-        """Open a channel; raises PeerUnavailableError with the endpoint and the reason."""
+        """Open a channel; raises PeerUnavailableError with the endpoint and the reason.
+
+        ``lane`` is the link lane the channel is for (``link.lanes_per_peer``); a carrier that
+        multiplexes channels over one connection per peer (QUIC) opens one connection per lane.
+        """
 
     async def listen(
         self, host: str, port: int, *, tls: ssl.SSLContext | None, handler: ChannelHandler

@@ -69,6 +69,27 @@ class LinkProtocolViolation(RemoteProtocolError):
         super().__init__(message)
 
 
+K_LANES_CAPABILITY = "lanes"  # HELLO: this end keeps one link per (party, lane), so lanes may run side by side
+K_LANE_PREFIX = "lane="  # HELLO of a sender: which lane of its peer's links this connection is ("lane=2")
+K_MAX_LANES = 16  # lanes per peer (``link.lanes_per_peer`` <= this)
+
+
+def lane_capability(index: int) -> str:
+    """The HELLO capability that names lane ``index``."""
+    return f"{K_LANE_PREFIX}{index}"
+
+
+def lane_of(capabilities: frozenset[str]) -> int:
+    """The lane a peer's HELLO names (0 without one); LinkProtocolViolation if it is malformed."""
+    named = [c for c in capabilities if c.startswith(K_LANE_PREFIX)]
+    if not named:
+        return 0
+    text = named[0][len(K_LANE_PREFIX):]
+    if len(named) > 1 or not text.isdigit() or len(text) > 2 or not 0 <= int(text) < K_MAX_LANES:
+        raise LinkProtocolViolation(f"HELLO names lanes {sorted(named)}: need one lane=N with 0 <= N < {K_MAX_LANES}")
+    return int(text)
+
+
 @dataclass(frozen=True, slots=True)
 class LinkParams:
     """What one end of a link offers; the pure slice of :class:`fedgate.config.LinkConfig`."""
@@ -85,8 +106,8 @@ class LinkParams:
     """Seconds to complete the HELLO exchange."""
     max_message_bytes: int = 2**32
     """Largest message payload accepted, in bytes."""
-    capabilities: frozenset[str] = field(default_factory=lambda: frozenset({"resume", "credit"}))
-    """Capability names advertised in HELLO (informational in version 1)."""
+    capabilities: frozenset[str] = field(default_factory=lambda: frozenset({"resume", "credit", K_LANES_CAPABILITY}))
+    """Capability names advertised in HELLO (informational in version 1, except the lanes ones)."""
 
     @classmethod
     def from_config(cls, config: LinkConfig, *, local_party: str, max_message_bytes: int = 2**32) -> LinkParams:

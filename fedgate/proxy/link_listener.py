@@ -16,8 +16,9 @@ Rules of this module:
    copy meets the same hook again, so a deterministic policy gives the same answer. When
    ``inbound_synced`` is given (the ledger's commit barrier), it is awaited once per delivery batch,
    after the hook saw the batch and before anything of it is stored or acknowledged.
-5. A newer connection from the same party replaces the older one (``replaced``), except a probe
-   (HELLO capability ``probe``, sent by ``fedgate doctor``), which never carries messages.
+5. A newer connection from the same party and lane (HELLO capability ``lane=N``, 0 without one)
+   replaces the older one (``replaced``); the lanes of one party run side by side. A probe (HELLO
+   capability ``probe``, sent by ``fedgate doctor``) never replaces anything and carries no messages.
 6. A message the store can never take (MessageTooLargeError) is rejected (rule ``store-limits``),
    final like an audit rejection, so it cannot wedge the link; set ``LinkParams.max_message_bytes``
    to the store's limit and senders drop such messages before sending them (HELLO ``m``).
@@ -41,7 +42,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from fedgate.errors import MessageTooLargeError, StoreFullError
 from fedgate.proxy.carrier import ByteChannel
 from fedgate.proxy.envelope import Envelope
-from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation
+from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation, lane_of
 from fedgate.proxy.link_events import ChunkReceived, ConnectionTerminated, HandshakeCompleted, LinkEvent, Rejection
 from fedgate.proxy.link_metrics import LinkMetrics
 from fedgate.proxy.link_recv import LinkReceiverCore, plan_chunk
@@ -102,14 +103,15 @@ class LinkListener:
         self._on_inbound = on_inbound
         self._metrics = metrics
         self._retry = (retry_initial_s, retry_max_s)
-        self._by_party: dict[str, LinkConnection[LinkReceiverCore]] = {}
+        self._by_party: dict[tuple[str, int], LinkConnection[LinkReceiverCore]] = {}  # (party, lane)
         self._open = 0
         self._counts = collections.Counter[str]()
 
     def statistics(self) -> LinkListenerStatistics:
         c = self._counts
         return LinkListenerStatistics(
-            connections=self._open, peers=tuple(sorted(self._by_party)), messages_stored=c["stored"],
+            connections=self._open, peers=tuple(sorted({party for party, _ in self._by_party})),
+            messages_stored=c["stored"],
             duplicates=c["duplicates"], rejected=c["rejected"], bytes_received=c["bytes"],
             store_full_retries=c["store_full"], refused=c["refused"],
         )
@@ -126,8 +128,9 @@ class LinkListener:
         finally:
             self._open -= 1
             party = core.peer_party
-            if party is not None and self._by_party.get(party) is session.conn:
-                del self._by_party[party]
+            key = (party or "", session.lane)
+            if party is not None and self._by_party.get(key) is session.conn:
+                del self._by_party[key]
                 if self._metrics:
                     self._metrics.inbound_connections.labels(party).dec()
         if why.code not in ("normal", "shutdown", "replaced"):
@@ -138,7 +141,7 @@ class LinkListener:
 
     # -- called by sessions -----------------------------------------------------------------------------
 
-    def _admit(self, session: _InboundSession, party: str, *, probe: bool) -> bool:
+    def _admit(self, session: _InboundSession, party: str, *, probe: bool, lane: int = 0) -> bool:
         if not self._allow(party):
             self._counts["refused"] += 1
             reason = f"refusing link from {session.conn.channel.description}: party {party!r} is not allowed"
@@ -149,14 +152,15 @@ class LinkListener:
             return False
         if probe:  # ``fedgate doctor``: checked like a link, but it must not replace the live one
             return True
-        old = self._by_party.get(party)
+        old = self._by_party.get((party, lane))
         if old is None:
             if self._metrics:
                 self._metrics.inbound_connections.labels(party).inc()
         elif old.terminated is None:  # the gauge is handed over, not counted twice
-            old.core.close(now=old.now(), code="replaced", reason="a newer connection from the same party")
-            old.finish(ConnectionTerminated("replaced", "a newer connection from the same party", by_peer=False))
-        self._by_party[party] = session.conn
+            why = f"a newer connection from the same party (lane {lane})"
+            old.core.close(now=old.now(), code="replaced", reason=why)
+            old.finish(ConnectionTerminated("replaced", why, by_peer=False))
+        self._by_party[(party, lane)] = session.conn
         return True
 
     async def _store(self, write: Callable[[], Awaitable[T]], party: str) -> T:
@@ -202,6 +206,7 @@ class _InboundSession:
         self.core = core
         self.conn = LinkConnection(core, channel, self._on_event)
         self.party = "?"
+        self.lane = 0
         self._tracked: tuple[str, int] | None = None
         """(message id, bytes staged once the queued appends are done) of the message being received."""
         self._staging: asyncio.Queue[_Staged] = asyncio.Queue()  # bounded by credit
@@ -212,7 +217,16 @@ class _InboundSession:
             await self._on_chunk(event)
         elif isinstance(event, HandshakeCompleted):
             self.party = event.peer_party
-            self.listener._admit(self, event.peer_party, probe=K_PROBE_CAPABILITY in event.capabilities)
+            try:
+                self.lane = lane_of(event.capabilities)
+            except LinkProtocolViolation as exc:
+                log.error("link from %s (party %s): %s", self.conn.channel.description, event.peer_party, exc)
+                aborted = self.core.abort(exc)
+                if aborted is not None:
+                    self.conn.finish(aborted)
+                return
+            self.listener._admit(self, event.peer_party, probe=K_PROBE_CAPABILITY in event.capabilities,
+                                 lane=self.lane)
 
     async def _on_chunk(self, ev: ChunkReceived) -> None:
         listener, core = self.listener, self.core

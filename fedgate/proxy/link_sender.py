@@ -17,12 +17,18 @@ Rules of this module:
 6. A message the peer would refuse whatever we do (over its HELLO size limit, a header over the
    frame limits) is not retried forever: it is dropped from the outbox as rejected (rule
    ``link-limits``), logged, counted and handed to ``on_rejected`` like an audit rejection.
+7. Lanes (``link.lanes_per_peer``): a sender may own one lane of its peer's messages (its outbox
+   view shows only those; its HELLO names the lane). Lane 0 is the link of a gateway without
+   lanes. A lane above 0 refuses a peer whose HELLO lacks the ``lanes`` capability: such a peer
+   would take each lane's connection for a replacement of the last one. The ``connected`` gauge
+   counts the open lanes of the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -32,7 +38,7 @@ from typing import Protocol, runtime_checkable
 
 from fedgate.errors import FedgateError, MessageTooLargeError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
-from fedgate.proxy.link_core import LinkParams, LinkProtocolViolation
+from fedgate.proxy.link_core import K_LANES_CAPABILITY, LinkParams, LinkProtocolViolation, lane_capability
 from fedgate.proxy.link_events import (
     ChunkStored,
     ConnectionTerminated,
@@ -112,9 +118,12 @@ class LinkSender:
     def __init__(
         self, *, peer: str, params: LinkParams, outbox: Outbox, dial: Dial, backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0, metrics: LinkMetrics | None = None, on_rejected: RejectedHook | None = None,
-        rng: random.Random | None = None, lookahead: int = 256, max_unacked: int = 8192,
+        rng: random.Random | None = None, lookahead: int = 256, max_unacked: int = 8192, lane: int = 0,
     ) -> None:
         self.peer = peer
+        self.lane = lane
+        if lane:
+            params = dataclasses.replace(params, capabilities=params.capabilities | {lane_capability(lane)})
         self.params = params
         self._outbox = outbox
         self._dial = dial
@@ -146,6 +155,8 @@ class LinkSender:
         self._run_task: asyncio.Task[None] | None = None
         self._opened = asyncio.Event()
         """Set when the current connection's handshake completed."""
+        self._counted = False
+        """This sender's open connection is counted in the ``connected`` gauge."""
 
     # -- public -----------------------------------------------------------------------------------------
 
@@ -243,8 +254,9 @@ class LinkSender:
             self._sync_sent(core)
             self._sent_base = (self._sent_base[0] + core.bytes_sent, self._sent_base[1] + core.messages_sent)
             self._sent_seen = (0, 0)
-            if self._metrics:
-                self._metrics.connected.labels(self.peer).set(0)
+            if self._metrics and self._counted:
+                self._metrics.connected.labels(self.peer).dec()
+            self._counted = False
         opened = core.peer_party is not None
         if why.code not in ("normal", "shutdown") or not self._stopping:
             self._last_error = f"{why.code}: {why.reason}"
@@ -291,14 +303,23 @@ class LinkSender:
             if m:
                 m.rtt.labels(self.peer).set(event.rtt)
         elif isinstance(event, HandshakeCompleted):
+            if self.lane and K_LANES_CAPABILITY not in event.capabilities and self._conn is not None:
+                reason = (f"party {self.peer} runs a fedgate without lanes: lane {self.lane} stays closed and its "
+                          f"messages wait; set link.lanes_per_peer = 1 here or upgrade that gateway")
+                aborted = self._conn.core.abort(LinkProtocolViolation(reason, code="version"))
+                if aborted is not None:
+                    self._conn.finish(aborted)
+                return
             if event.peer_wall_time is not None:  # within about one RTT: HELLOs cross at connection start
                 self._skew = event.peer_wall_time - time.time()
             self._opened.set()
             self._state = "open"
             self._last_error = ""
-            log.info("link to party %s open (version %d)", self.peer, event.version)
-            if m:
-                m.connected.labels(self.peer).set(1)
+            log.info("link to party %s open (version %d%s)", self.peer, event.version,
+                     f", lane {self.lane}" if self.lane else "")
+            if m and not self._counted:
+                m.connected.labels(self.peer).inc()
+                self._counted = True
 
     async def _ack_loop(self, conn: LinkConnection[LinkSenderCore]) -> None:
         loop = asyncio.get_running_loop()

@@ -12,6 +12,8 @@ Rules of this module:
    set; without either, no listener starts and senders refuse to connect, each saying why.
 5. Inbound links are accepted only from parties the route table knows (or ``default`` when
    ``default_allow``); messages pass the inbound audit hook before they are stored.
+6. ``link.lanes_per_peer`` = N > 1 runs N senders per peer, each owning the messages of one lane
+   (:class:`~fedgate.proxy.store_api.Lane`: by session and topic) over its own carrier connection.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from fedgate.proxy.link_metrics import LinkMetrics
 from fedgate.proxy.link_sender import LinkSender, LinkSenderStatistics
 from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore, outbox_of
-from fedgate.proxy.store_api import OutboxItem
+from fedgate.proxy.store_api import Lane, OutboxItem
 
 __all__ = ["InboundHook", "LinkManager", "RejectedHook", "choose_link_transport", "make_carrier"]
 
@@ -173,22 +175,26 @@ class LinkManager:
     # -- sending --------------------------------------------------------------------------------------
 
     def wake(self, peer: str) -> None:
-        """Make sure a sender runs for ``peer`` (called when its outbox gets a message)."""
+        """Make sure the senders of ``peer`` run (called when its outbox gets a message)."""
         if self._closing or peer in self._senders:
             return
         if not self.secure and not self._config.link.insecure:
             return
-        sender = LinkSender(
-            peer=peer, params=self._params, outbox=outbox_of(self._store), dial=self._dialer(peer),
-            backoff_initial_s=self._config.link.backoff_initial_s, backoff_max_s=self._config.link.backoff_max_s,
-            metrics=self._metrics, on_rejected=self._on_rejected,
-        )
-        self._senders[peer] = sender
-        task = asyncio.get_running_loop().create_task(sender.run(), name=f"link-sender-{peer}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        lanes = self._config.link.lanes_per_peer
+        for index in range(lanes):
+            lane = Lane(index, lanes) if lanes > 1 else None
+            sender = LinkSender(
+                peer=peer, params=self._params, outbox=outbox_of(self._store, lane), dial=self._dialer(peer, index),
+                backoff_initial_s=self._config.link.backoff_initial_s, backoff_max_s=self._config.link.backoff_max_s,
+                metrics=self._metrics, on_rejected=self._on_rejected, lane=index,
+            )
+            name = peer if index == 0 else f"{peer}#{index}"
+            self._senders[name] = sender
+            task = asyncio.get_running_loop().create_task(sender.run(), name=f"link-sender-{name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _dialer(self, peer: str) -> Callable[[], Awaitable[ByteChannel]]:
+    def _dialer(self, peer: str, lane: int = 0) -> Callable[[], Awaitable[ByteChannel]]:
         async def dial() -> ByteChannel:
             route = self._router.route(peer, "default", now=time.monotonic())
             candidates = [ep for ep in route.endpoints if ep.transport in K_LINK_TRANSPORTS]
@@ -201,7 +207,7 @@ class LinkManager:
                 try:
                     channel = await self._carrier(name).connect(
                         endpoint.host, endpoint.port, tls=self._client_tls, server_hostname=None,
-                        timeout=self._config.link.connect_timeout_s,
+                        timeout=self._config.link.connect_timeout_s, lane=lane,
                     )
                 except (FedgateError, OSError) as exc:
                     self._router.report_failure(endpoint, now=time.monotonic(), reason=str(exc))
@@ -226,7 +232,8 @@ class LinkManager:
     # -- observing and stopping ---------------------------------------------------------------------------
 
     def sender_statistics(self) -> dict[str, LinkSenderStatistics]:
-        return {peer: sender.statistics() for peer, sender in self._senders.items()}
+        """Per sender: the peer's party id for lane 0, ``party#N`` for lane N."""
+        return {name: sender.statistics() for name, sender in self._senders.items()}
 
     def listener_statistics(self) -> LinkListenerStatistics | None:
         return None if self._listener is None else self._listener.statistics()

@@ -34,7 +34,7 @@ import msgpack
 from fedgate.config import StoreConfig
 from fedgate.errors import LocalError, MessageTooLargeError, ShuttingDownError, StoreFullError
 from fedgate.proxy.envelope import Envelope
-from fedgate.proxy.store_api import OutboxItem
+from fedgate.proxy.store_api import Lane, OutboxItem, lane_key
 
 __all__ = ["QueueStatistics", "SqliteStore"]
 
@@ -43,7 +43,7 @@ log = logging.getLogger("fedgate.store")
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
-K_SCHEMA_VERSION = 1
+K_SCHEMA_VERSION = 2  # 2: outbox.lane (the lane key of a message's session and topic)
 K_MAX_BLOB = 2**31 - 2  # bytes; SQLite's default SQLITE_MAX_LENGTH is 1e9, checked at open
 K_DEDUP_RETENTION = 7 * 24 * 3600.0  # seconds a delivered message id is remembered
 
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_key ON queue (session, topic, id);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT NOT NULL, message_id TEXT NOT NULL UNIQUE,
-    enqueued REAL NOT NULL, header BLOB NOT NULL, payload BLOB NOT NULL);
+    enqueued REAL NOT NULL, header BLOB NOT NULL, payload BLOB NOT NULL, lane INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_peer ON outbox (peer, seq);
 CREATE TABLE IF NOT EXISTS seen (message_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
@@ -79,6 +79,24 @@ def _decode_header(header: bytes, payload: bytes) -> Envelope:
         message_id=mid, session_id=session, topic=topic, src_party=src, dst_party=dst, payload=payload,
         src_role=src_role, dst_role=dst_role, metadata=metadata, protocol=protocol, created_at=created,
     )
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: add ``outbox.lane`` and fill it from each waiting message's header, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+        if "lane" not in columns:
+            conn.execute("ALTER TABLE outbox ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+        rows = conn.execute("SELECT seq, header FROM outbox").fetchall()
+        for seq, header in rows:
+            _, session, topic, *_ = msgpack.unpackb(header)
+            conn.execute("UPDATE outbox SET lane = ? WHERE seq = ?", (lane_key(session, topic), seq))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(K_SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +140,7 @@ class SqliteStore:
         self._handoff_seq = 0
         self._handoff_order: dict[int, int] = {}  # id(envelope) -> hand-off number, while a pop holds it
         self._requeues: list[tuple[int, Envelope]] = []  # hand-offs to put back, flushed once per loop turn
-        self._outbox_events: dict[str, asyncio.Event] = {}
+        self._outbox_events: dict[tuple[str, Lane | None], asyncio.Event] = {}  # per peer and lane (None: all)
         self._bytes = 0
         self._queued = 0
         self._outboxed = 0
@@ -153,6 +171,9 @@ class SqliteStore:
         row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(K_SCHEMA_VERSION),))
+        elif int(row[0]) == 1:
+            _migrate_1_to_2(conn)
+            log.info("store schema migrated", extra={"fields": {"path": str(path), "from": 1, "to": 2}})
         elif int(row[0]) != K_SCHEMA_VERSION:
             raise LocalError(f"{path}: store schema {row[0]} is not the supported {K_SCHEMA_VERSION}")
         limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
@@ -671,42 +692,52 @@ class SqliteStore:
         self._admit(envelope.size)
         header = _encode_header(envelope)
         now = time.time()
+        key = lane_key(envelope.session_id, envelope.topic)
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "INSERT INTO outbox (peer, message_id, enqueued, header, payload) VALUES (?, ?, ?, ?, ?)",
-                (peer, envelope.message_id, now, header, envelope.payload),
+                "INSERT INTO outbox (peer, message_id, enqueued, header, payload, lane) VALUES (?, ?, ?, ?, ?, ?)",
+                (peer, envelope.message_id, now, header, envelope.payload, key),
             )
             return int(cur.lastrowid or 0)
 
         seq: int = await self._run(op)
         self._bytes += envelope.size
         self._outboxed += 1
-        self._outbox_event(peer).set()
+        for (who, lane), event in self._outbox_events.items():
+            if who == peer and (lane is None or lane.owns(key)):
+                event.set()
         return seq
 
-    def _outbox_event(self, peer: str) -> asyncio.Event:
-        event = self._outbox_events.get(peer)
+    def _outbox_event(self, peer: str, lane: Lane | None) -> asyncio.Event:
+        event = self._outbox_events.get((peer, lane))
         if event is None:
-            event = self._outbox_events[peer] = asyncio.Event()
+            event = self._outbox_events[(peer, lane)] = asyncio.Event()
         return event
 
-    async def pending(self, peer: str, *, after_seq: int, limit: int) -> list[OutboxItem]:
+    async def pending(self, peer: str, *, after_seq: int, limit: int, lane: Lane | None = None) -> list[OutboxItem]:
+        """Unacknowledged items for ``peer`` after ``after_seq`` in seq order; only ``lane``'s when given."""
+        where, args = _lane_filter(lane)
+
         def op(conn: sqlite3.Connection) -> list[tuple[int, float, bytes, bytes]]:
             return conn.execute(
-                "SELECT seq, enqueued, header, payload FROM outbox WHERE peer = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (peer, after_seq, limit),
+                "SELECT seq, enqueued, header, payload FROM outbox"
+                f" WHERE peer = ? AND seq > ?{where} ORDER BY seq LIMIT ?",
+                (peer, after_seq, *args, limit),
             ).fetchall()
 
         rows = await self._run(op)
         return [OutboxItem(seq=s, peer=peer, envelope=_decode_header(h, p), enqueued_at=t) for s, t, h, p in rows]
 
-    async def wait_pending(self, peer: str, *, after_seq: int, timeout: float) -> bool:
-        event = self._outbox_event(peer)
+    async def wait_pending(self, peer: str, *, after_seq: int, timeout: float, lane: Lane | None = None) -> bool:
+        event = self._outbox_event(peer, lane)
         event.clear()
+        where, args = _lane_filter(lane)
 
         def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT 1 FROM outbox WHERE peer = ? AND seq > ? LIMIT 1", (peer, after_seq)).fetchone()
+            row = conn.execute(
+                f"SELECT 1 FROM outbox WHERE peer = ? AND seq > ?{where} LIMIT 1", (peer, after_seq, *args)
+            ).fetchone()
             return row is not None
 
         if await self._run(op):
@@ -754,20 +785,31 @@ class SqliteStore:
         return list(await self._run(op))
 
 
-class _OutboxView:
-    """Adapts :class:`SqliteStore` to the :class:`~fedgate.proxy.store_api.Outbox` protocol."""
+def _lane_filter(lane: Lane | None) -> tuple[str, tuple[int, ...]]:
+    if lane is None or lane.count == 1:
+        return "", ()
+    return " AND lane % ? = ?", (lane.count, lane.index)
 
-    def __init__(self, store: SqliteStore) -> None:
+
+class _OutboxView:
+    """Adapts :class:`SqliteStore` to the :class:`~fedgate.proxy.store_api.Outbox` protocol.
+
+    With ``lane``, ``pending`` and ``wait_pending`` see only that lane's messages; ``outbox_depth``
+    still counts the whole peer's (its metric is per peer).
+    """
+
+    def __init__(self, store: SqliteStore, lane: Lane | None = None) -> None:
         self._store = store
+        self._lane = lane
 
     async def put(self, peer: str, envelope: Envelope) -> int:
         return await self._store.outbox_put(peer, envelope)
 
     async def pending(self, peer: str, *, after_seq: int, limit: int) -> list[OutboxItem]:
-        return await self._store.pending(peer, after_seq=after_seq, limit=limit)
+        return await self._store.pending(peer, after_seq=after_seq, limit=limit, lane=self._lane)
 
     async def wait_pending(self, peer: str, *, after_seq: int, timeout: float) -> bool:
-        return await self._store.wait_pending(peer, after_seq=after_seq, timeout=timeout)
+        return await self._store.wait_pending(peer, after_seq=after_seq, timeout=timeout, lane=self._lane)
 
     async def ack(self, peer: str, message_ids: list[str]) -> None:
         await self._store.ack(peer, message_ids)
@@ -776,9 +818,9 @@ class _OutboxView:
         return await self._store.outbox_depth(peer)
 
 
-def outbox_of(store: SqliteStore) -> _OutboxView:
-    """The store seen as an Outbox."""
-    return _OutboxView(store)
+def outbox_of(store: SqliteStore, lane: Lane | None = None) -> _OutboxView:
+    """The store seen as an Outbox (of one lane's messages when ``lane`` is given)."""
+    return _OutboxView(store, lane)
 
 
 def _translate(exc: BaseException) -> BaseException:

@@ -7,12 +7,37 @@ The SQLite implementation lives in :mod:`fedgate.proxy.store`; tests may use the
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
 from fedgate.proxy.envelope import Envelope
 
-__all__ = ["Inbox", "Outbox", "OutboxItem"]
+__all__ = ["Inbox", "Lane", "Outbox", "OutboxItem", "lane_key"]
+
+
+def lane_key(session_id: str, topic: str) -> int:
+    """The stable 32-bit key that picks a message's lane: CRC-32 of its (session, topic)."""
+    return zlib.crc32(f"{session_id}\x00{topic}".encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One of ``count`` lanes to a peer: the messages whose ``lane_key % count == index``.
+
+    Every message of one (session, topic) is in the same lane, so a lane keeps the order the
+    destination queues promise while the lanes of a peer run side by side (``link.lanes_per_peer``).
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"lane {self.index} of {self.count}: need 0 <= index < count")
+
+    def owns(self, key: int) -> bool:
+        return key % self.count == self.index
 
 
 @dataclass(frozen=True, slots=True)

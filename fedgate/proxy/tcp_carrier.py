@@ -112,7 +112,8 @@ class TcpCarrier:
         return "tcp"
 
     async def connect(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float,
+        lane: int = 0,
     ) -> TcpChannel:
         where = f"tcp {host}:{port}"
         try:

@@ -230,7 +230,8 @@ class MemoryCarrier:
         return "memory"
 
     async def connect(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float,
+        lane: int = 0,
     ) -> ByteChannel:
         handler = self.servers.get(port)
         if handler is None or self.refuse:

@@ -292,7 +292,8 @@ class RdmaCarrier:
         return self._device
 
     async def connect(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None, timeout: float,
+        lane: int = 0,
     ) -> ByteChannel:
         where = f"rdma {host}:{port}"
         try:

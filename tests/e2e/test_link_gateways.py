@@ -77,6 +77,46 @@ def test_messages_cross_the_link_exactly_once_in_order(tmp_path: pathlib.Path, t
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("transport", "tls"), [("tcp", False), ("quic", True)], ids=["tcp-plain", "quic-mtls"])
+def test_lanes_carry_a_peers_topics_side_by_side_each_in_order(
+    tmp_path: pathlib.Path, transport: str, tls: bool
+) -> None:
+    a, b = pair(tmp_path, transport, tls=tls)
+    a["link"]["lanes_per_peer"] = 3
+    topics = [f"{SESSION}-guest-9999-host-10000-t{i}" for i in range(9)]
+
+    async def main() -> None:
+        async with running(build(b)) as gb, running(build(a)) as ga:
+            pusher = OsxQueueClient(f"127.0.0.1:{front_of(a)}", party="9999")
+            popper = OsxQueueClient(f"127.0.0.1:{front_of(b)}", party="10000")
+            sent: dict[str, list[bytes]] = {t: [] for t in topics}
+            for i in range(90):
+                topic = topics[i % len(topics)]
+                payload = b"%d" % i * (1 + (i % 7) * 3000)
+                sent[topic].append(payload)
+                await pusher.push(session=SESSION, topic=topic, target="10000", payload=payload)
+            for topic in topics:
+                got = [await popper.pop(session=SESSION, topic=topic, timeout=30) for _ in sent[topic]]
+                assert got == sent[topic]  # every message, in its topic's order
+                assert await popper.pop(session=SESSION, topic=topic, timeout=0.2) is None  # exactly once
+            await pusher.aclose()
+            await popper.aclose()
+            assert ga.links is not None and gb.links is not None
+            stats = ga.links.sender_statistics()
+            assert sorted(stats) == ["10000", "10000#1", "10000#2"]
+            assert all(s.connected for s in stats.values())
+            assert sum(s.messages_acked for s in stats.values()) == 90
+            assert all(s.messages_acked > 0 for s in stats.values())  # nine topics spread over all three
+            assert all(s.reconnects == 0 for s in stats.values())  # no lane replaced another
+            listener = gb.links.listener_statistics()
+            assert listener is not None and listener.connections == 3 and listener.peers == ("9999",)
+            if transport == "quic":  # one QUIC connection per lane
+                quic_servers = [s for s in gb.links._servers if type(s).__name__ == "QuicCarrierServer"]
+                assert [s.connections for s in quic_servers] == [3]  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
 def test_peer_down_for_a_while_then_everything_arrives(tmp_path: pathlib.Path) -> None:
     """The sender's push succeeds while the peer gateway is down; the outbox delivers when it returns."""
     a, b = pair(tmp_path, "tcp", tls=False)

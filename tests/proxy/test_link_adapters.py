@@ -32,6 +32,7 @@ class Rig:
     outbox: MemoryOutbox
     inbox: MemoryInbox
     registry: CollectorRegistry
+    metrics: LinkMetrics
 
 
 @asynccontextmanager
@@ -51,7 +52,7 @@ async def rig(*, window: int = 16 * CHUNK, keepalive: float = 0.5, max_message: 
         backoff_initial_s=0.002, backoff_max_s=0.02, metrics=metrics, rng=random.Random(7), on_rejected=on_rejected)
     task = asyncio.create_task(sender.run())
     try:
-        yield Rig(carrier, sender, listener, outbox, inbox, registry)
+        yield Rig(carrier, sender, listener, outbox, inbox, registry, metrics)
     finally:
         await sender.aclose(drain_timeout=1.0)
         task.cancel()
@@ -279,5 +280,74 @@ def test_lost_staging_makes_the_receiver_rewind_the_sender_and_order_holds() -> 
             assert r.inbox.order == [big.message_id] + [m.message_id for m in after]
             assert r.inbox.queues[("s", "t")][0].payload == big.payload
             assert r.inbox.appended_bytes - appended_before == big.size  # restaged from zero, once
+
+    asyncio.run(main())
+
+
+def test_two_lanes_of_one_party_run_side_by_side() -> None:
+    # Lane 1 of the same party does not replace lane 0 (it would without lanes, see the test above).
+    async def main() -> None:
+        async with rig() as r:
+            await r.outbox.put(RECEIVER, message(1, 10, "t"))
+            await wait_for(lambda: r.outbox.acked == ["m00001"])
+            lane1 = LinkSender(
+                peer=RECEIVER, params=LinkParams(SENDER, chunk_bytes=CHUNK), outbox=MemoryOutbox(),
+                dial=carrier_dial(r.carrier.connect, "peer", 1, tls=None, server_hostname=None, timeout=1.0), lane=1,
+                metrics=r.metrics)
+            task = asyncio.create_task(lane1.run())
+            await wait_for(lambda: lane1.statistics().connected)
+            await wait_for(lambda: r.listener.statistics().connections == 2)
+            await asyncio.sleep(0.2)
+            assert r.sender.statistics().reconnects == 0 and r.sender.statistics().connected
+            assert r.listener.statistics().peers == (SENDER,)
+            gauge = r.registry.get_sample_value("fedgate_link_inbound_connections", {"peer": SENDER})
+            assert gauge == 2
+            connected = r.registry.get_sample_value("fedgate_link_connected", {"peer": RECEIVER})
+            assert connected == 2  # both lanes are counted; each one's close takes its own count back
+            await lane1.aclose()
+            task.cancel()
+            await wait_for(lambda: r.registry.get_sample_value("fedgate_link_connected", {"peer": RECEIVER}) == 1)
+
+    asyncio.run(main())
+
+
+def test_a_lane_refuses_a_peer_without_lanes_and_keeps_its_messages() -> None:
+    async def main() -> None:
+        carrier = MemoryCarrier(client_party=SENDER, server_party=RECEIVER)
+        inbox = MemoryInbox()
+        old = LinkListener(params=LinkParams(RECEIVER, chunk_bytes=CHUNK, capabilities=frozenset({"resume", "credit"})),
+                           inbox=inbox, allow=lambda party: party == SENDER)
+        await carrier.listen("peer", 1, tls=None, handler=old.handle)
+        outbox = MemoryOutbox()
+        await outbox.put(RECEIVER, message(1, 10, "t"))
+        lane1 = LinkSender(
+            peer=RECEIVER, params=LinkParams(SENDER, chunk_bytes=CHUNK), outbox=outbox,
+            dial=carrier_dial(carrier.connect, "peer", 1, tls=None, server_hostname=None, timeout=1.0),
+            backoff_initial_s=0.01, backoff_max_s=0.05, lane=1)
+        task = asyncio.create_task(lane1.run())
+        await wait_for(lambda: "without lanes" in lane1.statistics().last_error)
+        assert "link.lanes_per_peer = 1" in lane1.statistics().last_error
+        await asyncio.sleep(0.1)
+        assert outbox.acked == [] and await outbox.pending(RECEIVER, after_seq=0, limit=10)
+        await lane1.aclose()
+        task.cancel()
+
+    asyncio.run(main())
+
+
+def test_a_malformed_lane_in_hello_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with rig() as r:
+            bad = LinkSender(
+                peer=RECEIVER, params=LinkParams(SENDER, capabilities=frozenset({"resume", "lanes", "lane=99"})),
+                outbox=MemoryOutbox(), backoff_initial_s=0.01, backoff_max_s=0.05,
+                dial=carrier_dial(r.carrier.connect, "peer", 1, tls=None, server_hostname=None, timeout=1.0))
+            task = asyncio.create_task(bad.run())
+            await wait_for(lambda: bad.statistics().reconnects >= 2)
+            assert "HELLO names lanes ['lane=99']: need one lane=N" in caplog.text
+            assert not bad.statistics().connected and bad.statistics().messages_sent == 0
+            assert r.sender.statistics().reconnects == 0  # lane 0's link was not touched
+            await bad.aclose()
+            task.cancel()
 
     asyncio.run(main())

@@ -15,7 +15,8 @@ import pytest
 from fedgate.config import StoreConfig
 from fedgate.errors import MessageTooLargeError, ShuttingDownError, StoreFullError
 from fedgate.proxy.envelope import Envelope, new_message_id
-from fedgate.proxy.store import SqliteStore
+from fedgate.proxy.store import SqliteStore, outbox_of
+from fedgate.proxy.store_api import Lane, lane_key
 
 
 def env(topic: str = "t", payload: bytes = b"x", session: str = "s", dst: str = "10000") -> Envelope:
@@ -159,6 +160,75 @@ def test_outbox_ack_and_dedup(tmp_path: pathlib.Path) -> None:
     asyncio.run(main())
 
 
+def test_outbox_lanes_split_a_peer_by_topic_and_keep_each_topics_order(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        topics = [f"topic-{i}" for i in range(12)]
+        messages = [env(topics[i % 12], b"%d" % i) for i in range(60)]
+        for m in messages:
+            await store.outbox_put("10000", m)
+        lanes = [outbox_of(store, Lane(i, 3)) for i in range(3)]
+        seen: list[str] = []
+        for index, view in enumerate(lanes):
+            items = await view.pending("10000", after_seq=0, limit=100)
+            assert items, "twelve topics over three lanes: every lane has some"
+            assert all(lane_key(i.envelope.session_id, i.envelope.topic) % 3 == index for i in items)
+            assert [i.seq for i in items] == sorted(i.seq for i in items)
+            seen += [i.envelope.message_id for i in items]
+            assert await view.outbox_depth("10000") == (60, (await store.outbox_depth("10000"))[1])
+        assert sorted(seen) == sorted(m.message_id for m in messages)  # each message in exactly one lane
+        # A put wakes the lane that owns it, not only the first waiter.
+        after = (await store.pending("10000", after_seq=0, limit=100))[-1].seq
+        owner = lane_key("s", "late") % 3
+        waits = [asyncio.create_task(v.wait_pending("10000", after_seq=after, timeout=5)) for v in lanes]
+        await asyncio.sleep(0.05)
+        await store.outbox_put("10000", env("late"))
+        assert await waits[owner] is True
+        for task in waits:
+            task.cancel()
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_schema_1_store_gains_lanes_and_keeps_its_outbox(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    from fedgate.proxy.store import _encode_header
+
+    path = tmp_path / "db" / "fedgate.db"
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT NOT NULL, message_id TEXT NOT NULL UNIQUE,
+            enqueued REAL NOT NULL, header BLOB NOT NULL, payload BLOB NOT NULL);
+        CREATE INDEX outbox_peer ON outbox (peer, seq);
+    """)
+    old = [env(f"t{i}", b"%d" % i) for i in range(8)]
+    for m in old:
+        conn.execute("INSERT INTO outbox (peer, message_id, enqueued, header, payload) VALUES (?, ?, 0, ?, ?)",
+                     ("10000", m.message_id, _encode_header(m), m.payload))
+    conn.close()
+
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        for index in range(2):
+            items = await outbox_of(store, Lane(index, 2)).pending("10000", after_seq=0, limit=100)
+            want = [m.message_id for m in old if lane_key(m.session_id, m.topic) % 2 == index]
+            assert [i.envelope.message_id for i in items] == want
+        await store.aclose()
+        reopened = await open_store(tmp_path)  # now schema 2: opens without migrating again
+        assert len(await reopened.pending("10000", after_seq=0, limit=100)) == 8
+        await reopened.aclose()
+        row = sqlite3.connect(str(path)).execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        assert row == ("2",)
+
+    asyncio.run(main())
+
+
 def test_partial_staging_resumes_at_offset(tmp_path: pathlib.Path) -> None:
     async def main() -> None:
         store = await open_store(tmp_path)
@@ -182,7 +252,8 @@ def test_acknowledged_messages_survive_kill_9(tmp_path: pathlib.Path) -> None:
         import asyncio, pathlib, sys
         from fedgate.config import StoreConfig
         from fedgate.proxy.envelope import Envelope
-        from fedgate.proxy.store import SqliteStore
+        from fedgate.proxy.store import SqliteStore, outbox_of
+from fedgate.proxy.store_api import Lane, lane_key
         async def main():
             store = await SqliteStore.open(StoreConfig(path=pathlib.Path({str(db)!r}), min_free_bytes=0),
                                            max_message_bytes=1 << 20)
