@@ -31,17 +31,20 @@ K_COMPACT_AFTER = 64  # dropped chunk slots kept before the lists are compacted
 class SendBuffer:
     """Chunks of stream data between the lowest unacknowledged offset and the last write."""
 
-    __slots__ = ("_chunks", "_ends", "_front", "_head")
+    __slots__ = ("_chunks", "_ends", "_front", "_head", "_stop_at")
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
         self._ends: list[int] = []  # absolute end offset of each chunk, increasing
         self._head = 0  # index of the first live chunk
         self._front = 0  # absolute offset of the first byte still held
+        # Absolute offset just past the last byte written. Kept apart from ``_ends``: a compaction
+        # that drops every chunk empties that list, and the offsets must go on from here, not from 0.
+        self._stop_at = 0
 
     def _stop(self) -> int:
         """Absolute offset just past the last byte written."""
-        return self._ends[-1] if self._ends else 0
+        return self._stop_at
 
     def __len__(self) -> int:
         return self._stop() - self._front
@@ -52,8 +55,9 @@ class SendBuffer:
     def __iadd__(self, data: bytes | bytearray | memoryview) -> SendBuffer:
         if data:
             chunk = data if type(data) is bytes else bytes(data)
+            self._stop_at += len(chunk)
             self._chunks.append(chunk)
-            self._ends.append(self._stop() + len(chunk))
+            self._ends.append(self._stop_at)
         return self
 
     def __delitem__(self, key: Any) -> None:

@@ -57,6 +57,26 @@ def test_many_chunks_compact_and_keep_content() -> None:
         assert ours[a : a + 1400] == bytes(ref[a : a + 1400])
 
 
+def test_a_compaction_that_drops_every_chunk_keeps_the_offsets() -> None:
+    # The link receiver writes one small ACK frame at a time and the peer acknowledges them all: once
+    # K_COMPACT_AFTER chunks were dropped at once, the chunk lists emptied and the next write started
+    # again from offset 0, so the sender's slices no longer matched its offsets and a QUIC link stalled
+    # until its keepalive timed out (found by `fedgate bench link --quic-workers`).
+    ours, ref = SendBuffer(), bytearray()
+    for round_ in range(5):
+        for i in range(100):
+            block = bytes([round_, i]) * 10
+            ours += block
+            ref += block
+        assert ours[0:25] == bytes(ref[0:25])
+        del ours[: len(ref)]
+        del ref[:]
+        assert len(ours) == 0 and not ours
+    ours += b"after"
+    ref += b"after"
+    assert len(ours) == 5 and ours[0:5] == b"after" and ours[1:3] == b"ft"
+
+
 def test_unsupported_operations_raise() -> None:
     buf = SendBuffer()
     buf += b"abc"
