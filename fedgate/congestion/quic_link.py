@@ -44,11 +44,12 @@ from aioquic.quic.connection import QuicConnection
 
 from fedgate.congestion._quic_conn import QuicByteChannel, _grow_socket_buffers, _LinkProtocol, _QlogSink
 from fedgate.congestion._quic_tls import QuicIdentity, self_signed
+from fedgate.congestion._steering import prefix_connection_ids
 from fedgate.congestion.config import QuicConfig
 from fedgate.errors import ConfigError, PeerUnavailableError
 from fedgate.proxy.carrier import ChannelHandler
 
-__all__ = ["QuicByteChannel", "QuicCarrier", "QuicCarrierServer", "QuicIdentity"]
+__all__ = ["QuicByteChannel", "QuicCarrier", "QuicCarrierServer", "QuicIdentity", "create_carrier"]
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,14 @@ class QuicCarrier:
         return await self.listen_on(sock, tls=tls, handler=handler)
 
     async def listen_on(
-        self, sock: socket.socket, *, tls: ssl.SSLContext | None, handler: ChannelHandler
+        self, sock: socket.socket, *, tls: ssl.SSLContext | None, handler: ChannelHandler,
+        cid_prefix: int | None = None,
     ) -> QuicCarrierServer:
-        """Like ``listen``, on a bound UDP socket (e.g. one of an SO_REUSEPORT group); takes it over."""
+        """Like ``listen``, on a bound UDP socket (e.g. one of an SO_REUSEPORT group); takes it over.
+
+        ``cid_prefix``: the first byte of every connection id this server issues (the socket's place
+        in a group steered by connection id, :mod:`fedgate.congestion._steering`).
+        """
         identity = self._identity_for(tls)
         cfg = self._configuration(is_client=False, identity=identity, server_name=None)
         if self._qlog is not None:
@@ -243,6 +249,8 @@ class QuicCarrier:
             task.add_done_callback(tasks.discard)
 
         def create_protocol(connection: QuicConnection, stream_handler: Any = None) -> _LinkProtocol:
+            if cid_prefix is not None:
+                prefix_connection_ids(connection, cid_prefix)
             protocol = _LinkProtocol(
                 connection,
                 config=self.config,
@@ -275,3 +283,13 @@ class QuicCarrier:
         for protocol in protocols:
             if protocol._transport is not None:
                 protocol._transport.close()
+
+
+def create_carrier(config: QuicConfig | None = None, *, identity: QuicIdentity | None = None) -> Any:
+    """The ``quic`` carrier: in this process, or in ``config.workers`` worker processes."""
+    config = config if config is not None else QuicConfig()
+    if config.workers:
+        from fedgate.congestion.quic_workers import QuicWorkerCarrier
+
+        return QuicWorkerCarrier(config, identity=identity)
+    return QuicCarrier(config, identity=identity)

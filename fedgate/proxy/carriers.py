@@ -25,7 +25,7 @@ __all__ = ["K_CARRIERS", "carrier_names", "check_carrier_name", "load_carrier"]
 
 K_CARRIERS: Mapping[str, str] = MappingProxyType({
     "tcp": "fedgate.proxy.tcp_carrier:create_carrier",
-    "quic": "fedgate.congestion.quic_link:QuicCarrier",
+    "quic": "fedgate.congestion.quic_link:create_carrier",
     "rdma": "fedgate.rdma:create_carrier",
 })
 

@@ -4,13 +4,17 @@ Rules of this module: every figure is printed next to the baseline measured in t
 run (raw TLS 1.3 over TCP on 127.0.0.1, bulk writes, one event loop holding both ends, like the link
 runs); the ratio is what to compare across machines. By default the stores are in memory (a counting
 inbox that keeps ids, not payloads), so this measures the link protocol and carrier; ``--sqlite`` adds
-the same cases with the receiver writing into the real SQLite store.
+the same cases with the receiver writing into the real SQLite store. ``--quic-workers N`` adds the link
+over QUIC twice: in this process (one lane), and with both ends' QUIC in N worker processes each and N
+lanes (``[quic] workers``, ``link.lanes_per_peer``); that case's ratio is against the in-process QUIC
+case of the same round.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import pathlib
 import ssl
 import statistics
@@ -146,6 +150,56 @@ async def link_run(count: int, size: int, server_ctx: ssl.SSLContext | None, cli
     return elapsed
 
 
+async def quic_run(count: int, size: int, *, workers: int, lanes: int, secure: pathlib.Path | None, chunk: int,
+                   window: int) -> float:
+    """Seconds for ``count`` messages of ``size`` bytes over the link on QUIC, spread over ``lanes``.
+
+    ``workers`` 0 runs QUIC in this process; otherwise each end has its own carrier with ``workers``
+    worker processes. ``secure`` is the directory of the party certificates (None: insecure).
+    """
+    from fedgate.congestion.config import QuicConfig
+    from fedgate.congestion.quic_link import QuicIdentity, create_carrier
+
+    def identity(party: str) -> QuicIdentity | None:
+        if secure is None:
+            return None
+        ca, cert, key = party_files(secure, party)
+        return QuicIdentity(pathlib.Path(ca), pathlib.Path(cert), pathlib.Path(key))
+
+    marker = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if secure is not None else None  # selects mutual TLS
+    config = QuicConfig(workers=workers)
+    server_carrier, client_carrier = create_carrier(config, identity=identity("2")), create_carrier(
+        config, identity=identity("1"))
+    inbox = _CountingInbox()
+    listener = LinkListener(params=LinkParams("2", chunk_bytes=chunk, window_bytes=window), inbox=inbox,
+                            allow=lambda party: True)
+    server = await server_carrier.listen("127.0.0.1", 0, tls=marker, handler=listener.handle)
+    payload = bytes(size)
+    senders: list[LinkSender] = []
+    for lane in range(lanes):
+        outbox = MemoryOutbox()
+        for i in range(lane, count, lanes):
+            await outbox.put("2", Envelope(message_id=f"m{i}", session_id="s", topic=f"t{lane}", src_party="1",
+                                           dst_party="2", payload=payload))
+        senders.append(LinkSender(
+            peer="2", params=LinkParams("1", chunk_bytes=chunk, window_bytes=window), outbox=outbox, lane=lane,
+            dial=functools.partial(client_carrier.connect, "127.0.0.1", server.port, tls=marker,
+                                   server_hostname="2" if secure is not None else None, timeout=10.0, lane=lane),
+        ))
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(sender.run()) for sender in senders]
+    while sum(sender.statistics().messages_acked for sender in senders) < count:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - start
+    for sender, task in zip(senders, tasks, strict=True):
+        await sender.aclose(drain_timeout=1.0)
+        task.cancel()
+    await server.aclose()
+    for carrier in (client_carrier, server_carrier):
+        await carrier.aclose()
+    return elapsed
+
+
 async def _bench(args: argparse.Namespace) -> None:
     """Each round measures the raw baseline, then every link case right after it; a case's ratio is
     taken against the baseline of its own round and the median over rounds is printed, so a noisy,
@@ -164,6 +218,9 @@ async def _bench(args: argparse.Namespace) -> None:
         if args.sqlite:
             cases += [(label + " (SQLite)", count, size, pathlib.Path(tmp)) for label, count, size, _ in cases]
         raw_rates: list[float] = []
+        quic_rates: dict[str, list[tuple[float, float, float]]] = {}
+        if args.quic_workers:
+            quic_rates = {"QUIC link, in process": [], f"QUIC link, {args.quic_workers} workers+lanes": []}
         rates: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in cases}
         for _ in range(args.rounds):
             raw_rate = total / await raw_tls(total, server_ctx, client_ctx) / K_MIB
@@ -173,6 +230,14 @@ async def _bench(args: argparse.Namespace) -> None:
                                       window=args.window_mib * K_MIB, sqlite_dir=sqlite_dir)
                 rate = count * size / secs / K_MIB
                 rates[label].append((rate, count / secs, rate / raw_rate))
+            if args.quic_workers:
+                n = args.quic_workers
+                secure = None if args.plain else pathlib.Path(tmp)
+                common = dict(secure=secure, chunk=args.chunk_kib * 1024, window=args.window_mib * K_MIB)
+                base = total / await quic_run(args.total_mib, K_MIB, workers=0, lanes=1, **common) / K_MIB
+                quic_rates["QUIC link, in process"].append((base, 0.0, 1.0))
+                rate = total / await quic_run(args.total_mib, K_MIB, workers=n, lanes=n, **common) / K_MIB
+                quic_rates[f"QUIC link, {n} workers+lanes"].append((rate, 0.0, rate / base))
         print(f"{'case':<30}{'MiB/s':>10}{'msg/s':>10}{'vs raw':>9}  {'ratio range':>13}")
         print(f"{'raw socket, 1 MiB writes':<30}{statistics.median(raw_rates):>10.1f}{'':>10}{1.0:>9.2f}")
         for label, runs in rates.items():
@@ -180,6 +245,12 @@ async def _bench(args: argparse.Namespace) -> None:
             print(f"{label:<30}{statistics.median(r for r, _, _ in runs):>10.1f}"
                   f"{statistics.median(m for _, m, _ in runs):>10.0f}{statistics.median(ratios):>9.2f}"
                   f"  {min(ratios):>6.2f}-{max(ratios):.2f}")
+        if quic_rates:
+            print(f"{'case (1 MiB messages)':<30}{'MiB/s':>10}{'':>10}{'vs QUIC in process':>20}  {'ratio range':>13}")
+            for label, runs in quic_rates.items():
+                ratios = [r for _, _, r in runs]
+                print(f"{label:<30}{statistics.median(r for r, _, _ in runs):>10.1f}{'':>10}"
+                      f"{statistics.median(ratios):>20.2f}  {min(ratios):>6.2f}-{max(ratios):.2f}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -194,6 +265,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--sqlite", action="store_true",
                         help="also run the link cases with the receiver storing into the real SQLite store")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--quic-workers", type=int, default=0, metavar="N",
+                        help="also run 1 MiB messages over QUIC: in process, and with N worker processes per "
+                             "end and N lanes (default 0: no QUIC cases)")
     args = parser.parse_args(list(argv))
     if args.uvloop:
         import uvloop

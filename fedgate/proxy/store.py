@@ -12,8 +12,9 @@ Rules of this module:
 4. Disk full and quota errors become StoreFullError; nothing is dropped silently.
 
 Tables: ``queue`` (local FIFO queues keyed by session and topic), ``outbox`` (messages waiting for a
-peer gateway's acknowledgement), ``seen`` (message ids delivered, for deduplication) and
-``partial`` (staged chunks of large inbound payloads, for resume).
+peer gateway's acknowledgement, each with the lane key of its session and topic), ``seen`` (message
+ids delivered, for deduplication) and ``partial`` (staged chunks of large inbound payloads, for
+resume).
 """
 
 from __future__ import annotations

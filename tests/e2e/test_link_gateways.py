@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pathlib
 import subprocess
 import sys
@@ -77,12 +78,15 @@ def test_messages_cross_the_link_exactly_once_in_order(tmp_path: pathlib.Path, t
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(("transport", "tls"), [("tcp", False), ("quic", True)], ids=["tcp-plain", "quic-mtls"])
+@pytest.mark.parametrize(("transport", "tls", "workers"), [("tcp", False, 0), ("quic", True, 0), ("quic", True, 2)],
+                         ids=["tcp-plain", "quic-mtls", "quic-mtls-2-worker-processes"])
 def test_lanes_carry_a_peers_topics_side_by_side_each_in_order(
-    tmp_path: pathlib.Path, transport: str, tls: bool
+    tmp_path: pathlib.Path, transport: str, tls: bool, workers: int
 ) -> None:
     a, b = pair(tmp_path, transport, tls=tls)
     a["link"]["lanes_per_peer"] = 3
+    if workers:
+        a["quic"] = b["quic"] = {"workers": workers}
     topics = [f"{SESSION}-guest-9999-host-10000-t{i}" for i in range(9)]
 
     async def main() -> None:
@@ -110,9 +114,14 @@ def test_lanes_carry_a_peers_topics_side_by_side_each_in_order(
             assert all(s.reconnects == 0 for s in stats.values())  # no lane replaced another
             listener = gb.links.listener_statistics()
             assert listener is not None and listener.connections == 3 and listener.peers == ("9999",)
-            if transport == "quic":  # one QUIC connection per lane
+            if transport == "quic" and not workers:  # one QUIC connection per lane
                 quic_servers = [s for s in gb.links._servers if type(s).__name__ == "QuicCarrierServer"]
                 assert [s.connections for s in quic_servers] == [3]  # type: ignore[attr-defined]
+            if workers:  # the QUIC connections ran in worker processes at both ends
+                for gateway in (ga, gb):
+                    assert gateway.links is not None
+                    pids = gateway.links._carriers["quic"].worker_pids  # type: ignore[attr-defined]
+                    assert len(pids) == workers and None not in pids and os.getpid() not in pids
 
     asyncio.run(main())
 

@@ -1,0 +1,193 @@
+"""QUIC in worker processes: connection-id steering on one port, bridged channels, restarts, migration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import random
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable
+
+import pytest
+
+from fedgate.congestion._steering import reuseport_group
+from fedgate.congestion.config import QuicConfig
+from fedgate.congestion.quic_link import QuicCarrier, create_carrier
+from fedgate.congestion.quic_workers import QuicWorkerCarrier
+from fedgate.errors import PeerUnavailableError
+from fedgate.proxy.carrier import ByteChannel
+from tests.congestion.certs import CertAuthority
+from tests.congestion.relay import UdpRelay
+
+pytestmark = pytest.mark.timeout(120)
+
+LOCAL = "127.0.0.1"
+
+
+def run(coro: Awaitable[None]) -> None:
+    async def wrapper() -> None:
+        await asyncio.wait_for(coro, 100)
+
+    asyncio.run(wrapper())
+
+
+def _ctx() -> ssl.SSLContext:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+async def _collect(channel: ByteChannel) -> bytes:
+    out = bytearray()
+    while True:
+        data = await channel.receive()
+        if not data:
+            return bytes(out)
+        out.extend(data)
+
+
+def test_the_kernel_steers_datagrams_by_the_first_connection_id_byte() -> None:
+    group = reuseport_group(LOCAL, 0, 3)
+    port = group[0].getsockname()[1]
+    try:
+        assert {s.getsockname()[1] for s in group} == {port}
+        for sock in group:
+            sock.settimeout(2)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for first in range(12):
+                short = bytes([0x40, first]) + os.urandom(20)  # short header: DCID at offset 1
+                long = bytes([0xC0, 0, 0, 0, 1, 8, first]) + os.urandom(30)  # long header: DCID at offset 6
+                for packet in (short, long):
+                    sender.sendto(packet, (LOCAL, port))
+                    assert group[first % 3].recv(2048) == packet, (first, packet[:1])
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def test_create_carrier_picks_workers_only_when_asked() -> None:
+    assert isinstance(create_carrier(QuicConfig()), QuicCarrier)
+    assert isinstance(create_carrier(QuicConfig(workers=2)), QuicWorkerCarrier)
+
+
+def test_channels_cross_worker_processes_with_mutual_tls(tmp_path: pathlib.Path) -> None:
+    ca = CertAuthority(tmp_path)
+    blobs = [random.Random(i).randbytes(700_000 + i) for i in range(4)]
+
+    async def scenario() -> None:
+        accepted: list[str | None] = []
+        server = QuicWorkerCarrier(QuicConfig(workers=2), identity=ca.issue("9999"))
+        client = QuicWorkerCarrier(QuicConfig(workers=2), identity=ca.issue("10000"))
+
+        async def echo(channel: ByteChannel) -> None:
+            accepted.append(channel.peer_party)
+            data = await _collect(channel)
+            await channel.send(data[::-1])
+
+        listening = await server.listen(LOCAL, 0, tls=_ctx(), handler=echo)
+        try:
+            async def one(lane: int, blob: bytes) -> bytes:
+                channel = await client.connect(LOCAL, listening.port, tls=_ctx(), server_hostname="9999",
+                                               timeout=10, lane=lane)
+                assert channel.peer_party == "9999"
+                await channel.send(blob)
+                await channel.send(b"")  # an empty send is allowed and sends nothing
+                closing = asyncio.ensure_future(_collect(channel))
+                await asyncio.sleep(0)
+                await channel.aclose()
+                return await closing
+
+            got = await asyncio.gather(*(one(lane, blob) for lane, blob in enumerate(blobs)))
+            assert got == [b[::-1] for b in blobs]
+            assert accepted == ["10000"] * 4
+            pids = client.worker_pids + server.worker_pids
+            assert len(set(pids)) == 4 and os.getpid() not in pids and None not in pids
+        finally:
+            await client.aclose()
+            await listening.aclose()
+            await server.aclose()
+        assert client.worker_pids == [None, None] and server.worker_pids == [None, None]
+
+    run(scenario())
+
+
+def test_a_worker_that_dies_fails_its_channels_and_is_restarted() -> None:
+    async def scenario() -> None:
+        server = QuicWorkerCarrier(QuicConfig(workers=1))
+        client = QuicWorkerCarrier(QuicConfig(workers=1))
+        held = asyncio.Event()
+
+        async def hold(channel: ByteChannel) -> None:
+            held.set()
+            await _collect(channel)
+
+        listening = await server.listen(LOCAL, 0, tls=None, handler=hold)
+        try:
+            channel = await client.connect(LOCAL, listening.port, tls=None, server_hostname=None, timeout=10)
+            await channel.send(b"x")
+            await asyncio.wait_for(held.wait(), 10)
+            (pid,) = client.worker_pids
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)  # a process this test started (through the carrier)
+            with pytest.raises(PeerUnavailableError, match="quic worker 0 exited"):
+                await asyncio.wait_for(channel.receive(), 10)
+            async with asyncio.timeout(20):
+                while client.worker_pids[0] in (None, pid):
+                    await asyncio.sleep(0.05)
+            (old_server_pid,) = server.worker_pids
+            assert old_server_pid is not None
+            os.kill(old_server_pid, signal.SIGKILL)  # the listening side too: it gets its socket back
+            async with asyncio.timeout(20):
+                while server.worker_pids[0] in (None, old_server_pid):
+                    await asyncio.sleep(0.05)
+            held.clear()
+            again = await client.connect(LOCAL, listening.port, tls=None, server_hostname=None, timeout=10)
+            await again.send(b"y")
+            await asyncio.wait_for(held.wait(), 10)
+            await again.aclose()
+        finally:
+            await client.aclose()
+            await server.aclose()
+
+    run(scenario())
+
+
+def test_migration_reaches_the_worker_that_holds_the_connection() -> None:
+    # Four workers on one port: without steering by connection id, each new client address would
+    # be hashed to a worker at random (3 in 4 that do not know the connection). Each part of the
+    # blob is sent from a new address and must arrive before the next one is sent.
+    parts = [random.Random(i).randbytes(200_000) for i in range(6)]
+
+    async def scenario() -> None:
+        received = bytearray()
+        arrived = asyncio.Event()
+
+        async def handler(channel: ByteChannel) -> None:
+            while data := await channel.receive():
+                received.extend(data)
+                arrived.set()
+
+        server = QuicWorkerCarrier(QuicConfig(workers=4))
+        listening = await server.listen(LOCAL, 0, tls=None, handler=handler)
+        relay = await UdpRelay.start((LOCAL, listening.port))
+        client = QuicCarrier(QuicConfig(idle_timeout_s=60))
+        try:
+            channel = await client.connect(LOCAL, relay.port, tls=None, server_hostname=None, timeout=10)
+            sent = 0
+            for part in parts:
+                relay.rebind()
+                await channel.send(part)
+                sent += len(part)
+                async with asyncio.timeout(15):
+                    while len(received) < sent:
+                        arrived.clear()
+                        await arrived.wait()
+            await channel.aclose()
+            assert bytes(received) == b"".join(parts)
+        finally:
+            await client.aclose()
+            await server.aclose()
+            relay.close()
+
+    run(scenario())
