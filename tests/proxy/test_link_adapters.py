@@ -338,14 +338,16 @@ def test_a_lane_refuses_a_peer_without_lanes_and_keeps_its_messages() -> None:
 def test_a_malformed_lane_in_hello_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with rig() as r:
+            outbox = MemoryOutbox()
+            await outbox.put(RECEIVER, message(7, 10, "t"))
             bad = LinkSender(
                 peer=RECEIVER, params=LinkParams(SENDER, capabilities=frozenset({"resume", "lanes", "lane=99"})),
-                outbox=MemoryOutbox(), backoff_initial_s=0.01, backoff_max_s=0.05,
+                outbox=outbox, backoff_initial_s=0.01, backoff_max_s=0.05,
                 dial=carrier_dial(r.carrier.connect, "peer", 1, tls=None, server_hostname=None, timeout=1.0))
             task = asyncio.create_task(bad.run())
             await wait_for(lambda: bad.statistics().reconnects >= 2)
             assert "HELLO names lanes ['lane=99']: need one lane=N" in caplog.text
-            assert not bad.statistics().connected and bad.statistics().messages_sent == 0
+            assert outbox.acked == [] and "m00007" not in r.inbox.seen  # nothing passes a refused connection
             assert r.sender.statistics().reconnects == 0  # lane 0's link was not touched
             await bad.aclose()
             task.cancel()
