@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -18,11 +19,41 @@ from typing import Any
 from fedgate.app import Gateway
 from fedgate.config import FedgateConfig, config_from_data
 
+_handed_out: set[int] = set()
+
+
+def _test_ports() -> tuple[int, int]:
+    """12,000 ports just below the kernel's ephemeral range (32768-60999 by default)."""
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(1024, low - 12000), max(1025, low)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 free for both TCP and UDP (a link listens on both), outside the ephemeral range.
+
+    A port the kernel picked with bind(0) is an ephemeral one: by the time a gateway binds it, an
+    outgoing connection (gRPC, a link, a QUIC client's UDP socket) may have been given it as its source
+    port ("address already in use", seen once in CI). Ports below the ephemeral range are never handed
+    to outgoing sockets; this process never hands out the same one twice.
+    """
+    rng = random.Random()
+    ports = _test_ports()
+    for _ in range(1000):
+        port = rng.randrange(*ports)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def gateway_data(root: pathlib.Path, party: str, routes: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
