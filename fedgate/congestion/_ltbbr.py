@@ -77,8 +77,6 @@ K_PERSISTENT_ROUNDS = 3  # ...when it lasts this many windows
 K_BETA = 0.85  # bw_hi = K_BETA x delivery rate of the congested window
 K_BW_HI_GROWTH_MAX_EXP = 16  # bw_hi grows by 2**k packets per min_rtt in the k-th clean window, k <= this
 K_BW_HI_RELEASE = 2.0  # bw_hi is dropped once it exceeds this x the max filter
-K_PLATEAU_GROWTH = 0.02  # past the rate of the last congestion, bw_hi grows by this share of it per second
-K_PLATEAU_CASCADE_WINDOWS = 8  # congestion within this many clean windows of the last keeps the higher plateau
 K_EXTRA_ACKED_MAX = 0.1  # seconds of data at bw: cap of the ack-aggregation allowance added to cwnd
 K_INITIAL_WINDOW_PACKETS = 32  # first flight, sent unpaced: the packet train of rule 7
 K_TRAIN_MIN_PACKETS = 8  # ACKed packets of one back-to-back flight an estimate needs
@@ -134,9 +132,6 @@ class LtBbr(CongestionController):
         self.state = LtBbrState.STARTUP
         self._bw_filter = _RoundMaxFilter(K_BW_WINDOW_ROUNDS)
         self._bw_hi: float | None = None
-        self._plateau: float | None = None  # the rate delivered in the last congested window
-        self._last_judged = 0.0
-        self._clean_windows_since_plateau = 0
         self._round_count = 0
         self._next_round_delivered = 0
         self._full_bw = 0.0
@@ -269,7 +264,6 @@ class LtBbr(CongestionController):
         self._extra_filter.reset()
         self._agg_start = None
         self._bw_hi = None
-        self._plateau = None
         self._full_bw = 0.0
         self._full_bw_count = 0
         self._filled_pipe = False
@@ -375,27 +369,18 @@ class LtBbr(CongestionController):
         else:
             if self._bw_hi is not None:
                 # Additive in absolute terms (the same for every flow), doubling each clean window:
-                # flows sharing a bottleneck converge towards equal shares, as with AIMD. Past the
-                # rate that last congested the path (the plateau), slowly, like CUBIC near W_max.
-                step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP)) / min_rtt
-                plateau = self._plateau
-                if plateau is not None and self._bw_hi + step > plateau:
-                    slow = plateau * K_PLATEAU_GROWTH * max(now - self._last_judged, 0.0)
-                    self._bw_hi = max(min(self._bw_hi + step, plateau), self._bw_hi + slow)
-                else:
-                    self._bw_hi += step
+                # flows sharing a bottleneck converge towards equal shares, as with AIMD.
+                step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
+                self._bw_hi += step / min_rtt
                 self._clean_windows += 1
-                self._clean_windows_since_plateau += 1
                 if self._bw_hi > K_BW_HI_RELEASE * self._bw_filter.get():
                     self._bw_hi = None
-                    self._plateau = None
             if (
                 self.state is LtBbrState.STARTUP
                 and queue_delay > max(K_STARTUP_QUEUE_RATIO * min_rtt, K_QUEUE_MIN_DELAY)
             ):
                 # The pipe is full and a queue is building: stop before it overflows.
                 self._filled_pipe = True
-        self._last_judged = now
         self._reset_window(now)
 
     def _on_congestion(self, win_rate: float) -> None:
@@ -406,12 +391,6 @@ class LtBbr(CongestionController):
         floor = K_MIN_CWND_PACKETS * self.max_datagram_size / (self._model_min_rtt or K_INITIAL_RTT)
         cap = max(cap, floor)
         self._bw_hi = cap if self._bw_hi is None else min(self._bw_hi, cap)
-        if win_rate > 0:
-            # A window right after a cut delivers less while the queue drains: within a cascade of
-            # events the plateau is the highest rate seen, not the last.
-            recent = self._plateau is not None and self._clean_windows_since_plateau < K_PLATEAU_CASCADE_WINDOWS
-            self._plateau = max(win_rate, self._plateau) if recent and self._plateau is not None else win_rate
-            self._clean_windows_since_plateau = 0
         if self.state is LtBbrState.STARTUP:
             self._filled_pipe = True
         elif self.state is LtBbrState.PROBE_BW and K_PROBE_GAINS[self._cycle_index] > 1.0:
