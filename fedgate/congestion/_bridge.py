@@ -27,7 +27,8 @@ from fedgate.errors import LocalError, PeerUnavailableError
 __all__ = ["BridgeChannel", "read_line", "write_line"]
 
 K_MAX_LINE = 64 * 1024  # bytes of one JSON line
-K_MAX_FRAME = 64 * 1024 * 1024  # bytes of one worker -> gateway data frame
+K_FRAME_DATA = 1024 * 1024  # bytes of data a worker puts in one frame at most
+K_MAX_FRAME = 4 * K_FRAME_DATA  # bytes of one worker -> gateway frame the gateway accepts
 K_READ = 256 * 1024  # bytes per read of the gateway -> worker stream
 K_LINGER = 60.0  # seconds a half-closed channel waits for the peer's end before it is closed anyway
 K_HEADER = struct.Struct(">cI")

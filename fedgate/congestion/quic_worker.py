@@ -33,7 +33,16 @@ import threading
 from typing import Any
 
 from fedgate.configtree import build
-from fedgate.congestion._bridge import K_MAX_LINE, K_READ, KIND_DATA, KIND_END, KIND_ERROR, frame, write_line
+from fedgate.congestion._bridge import (
+    K_FRAME_DATA,
+    K_MAX_LINE,
+    K_READ,
+    KIND_DATA,
+    KIND_END,
+    KIND_ERROR,
+    frame,
+    write_line,
+)
 from fedgate.congestion._quic_tls import QuicIdentity
 from fedgate.congestion.config import QuicConfig
 from fedgate.congestion.quic_link import QuicByteChannel, QuicCarrier, QuicCarrierServer
@@ -162,7 +171,9 @@ async def splice(channel: QuicByteChannel, reader: asyncio.StreamReader, writer:
                     writer.write(frame(KIND_END))
                     await writer.drain()
                     return
-                writer.write(frame(KIND_DATA, data))
+                view = memoryview(data)
+                for start in range(0, len(view), K_FRAME_DATA):  # a receive may join many MB
+                    writer.write(frame(KIND_DATA, bytes(view[start : start + K_FRAME_DATA])))
                 await writer.drain()
         except PeerUnavailableError as exc:
             writer.write(frame(KIND_ERROR, str(exc).encode()))

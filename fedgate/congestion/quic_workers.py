@@ -74,7 +74,11 @@ class _Listening:
 
 
 class QuicWorkerServer:
-    """The listening side: N steered sockets, one per worker; ``aclose`` stops accepting on them."""
+    """The listening side: N steered sockets, one per worker.
+
+    ``aclose`` stops handing inbound channels to the handler; the workers' sockets close when the
+    carrier stops them (:meth:`QuicWorkerCarrier.aclose`).
+    """
 
     def __init__(self, carrier: QuicWorkerCarrier, listening: _Listening) -> None:
         self._carrier = carrier
@@ -300,8 +304,8 @@ class QuicWorkerCarrier:
             raise LocalError(f"{worker.name}: {answer.get('error') or 'no answer to listen'}")
 
     async def _unlisten(self, listening: _Listening) -> None:
-        # The workers keep serving the connections they have until they stop; the sockets close here,
-        # so no new connection reaches this listener.
+        # The workers hold their own copies of the sockets and serve them until they stop (aclose);
+        # what they offer for a listener that is gone is refused here (_on_accept).
         if self._listening.pop(listening.listener, None) is None:
             return
         for sock in listening.sockets:

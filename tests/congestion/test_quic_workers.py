@@ -191,3 +191,30 @@ def test_migration_reaches_the_worker_that_holds_the_connection() -> None:
             relay.close()
 
     run(scenario())
+
+
+def test_a_large_backlog_crosses_the_bridge_in_bounded_frames() -> None:
+    # The gateway reads late, so the worker's QUIC channel gathers megabytes and hands them over in
+    # one receive: the bridge must split them (the gateway refuses frames over 4 MiB).
+    blob = random.Random(9).randbytes(12 * 1024 * 1024)
+
+    async def scenario() -> None:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def late_reader(channel: ByteChannel) -> None:
+            await asyncio.sleep(1.5)
+            got.set_result(await _collect(channel))
+
+        server = QuicWorkerCarrier(QuicConfig(workers=1))
+        listening = await server.listen(LOCAL, 0, tls=None, handler=late_reader)
+        client = QuicCarrier()
+        try:
+            channel = await client.connect(LOCAL, listening.port, tls=None, server_hostname=None, timeout=10)
+            await channel.send(blob)
+            await channel.aclose()
+            assert await asyncio.wait_for(got, 60) == blob
+        finally:
+            await client.aclose()
+            await server.aclose()
+
+    run(scenario())
