@@ -58,7 +58,6 @@ class _Worker:
     socket_path: str
     process: asyncio.subprocess.Process | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    restarts: int = 0
 
     @property
     def name(self) -> str:
@@ -251,7 +250,6 @@ class QuicWorkerCarrier:
             worker.started.clear()
             if self._closing:
                 return
-            worker.restarts += 1
             log.error("%s exited with status %s; restarting it (its channels fail, links reconnect)",
                       worker.name, code)
             await asyncio.sleep(K_RESTART_DELAY)

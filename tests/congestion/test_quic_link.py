@@ -7,7 +7,6 @@ import hashlib
 import json
 import pathlib
 import random
-import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -18,6 +17,7 @@ from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity
 from fedgate.errors import ConfigError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel, Carrier
 from tests.congestion.certs import CertAuthority
+from tests.congestion.channels import collect, mutual_tls
 from tests.congestion.relay import UdpRelay
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,20 +35,6 @@ def run(coro: Awaitable[None], *, loop: str = "asyncio") -> None:
         asyncio.run(wrapper())
 
 
-def _ctx() -> ssl.SSLContext:
-    # Only its presence matters: it selects mutual TLS with the carrier's identity.
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-
-
-async def _collect(channel: ByteChannel) -> bytes:
-    out = bytearray()
-    while True:
-        data = await channel.receive()
-        if not data:
-            return bytes(out)
-        out.extend(data)
-
-
 def test_is_a_carrier() -> None:
     carrier: Carrier = QuicCarrier()
     assert carrier.name == "quic"
@@ -64,7 +50,7 @@ def test_bytes_arrive_intact_and_in_order(loop: str) -> None:
 
         async def handler(channel: ByteChannel) -> None:
             assert channel.peer_party is None
-            data = await _collect(channel)
+            data = await collect(channel)
             await channel.send(hashlib.sha256(data).digest())
             got.set_result(data)
 
@@ -97,7 +83,7 @@ def test_bytes_arrive_intact_and_in_order(loop: str) -> None:
 def test_channels_to_one_peer_share_one_connection() -> None:
     async def scenario() -> None:
         async def echo(channel: ByteChannel) -> None:
-            data = await _collect(channel)
+            data = await collect(channel)
             await channel.send(data[::-1])
 
         server_carrier, client_carrier = QuicCarrier(), QuicCarrier(QuicConfig(congestion_control="newreno"))
@@ -111,7 +97,7 @@ def test_channels_to_one_peer_share_one_connection() -> None:
                 await channel.send(f"stream-{i}".encode() * 1000)
             for channel in channels:
                 await channel.aclose()
-            replies = [await _collect(channel) for channel in channels]
+            replies = [await collect(channel) for channel in channels]
             for i, reply in enumerate(replies):
                 assert reply == (f"stream-{i}".encode() * 1000)[::-1]
             assert server.connections == 1
@@ -134,12 +120,12 @@ def _mtls_pair(
 
         async def handler(channel: ByteChannel) -> None:
             accepted.append(channel)
-            data = await _collect(channel)
+            data = await collect(channel)
             await channel.send(data)
 
         server_carrier = QuicCarrier(identity=server_id)
         client_carrier = QuicCarrier(identity=client_id)
-        server = await server_carrier.listen(LOCAL, 0, tls=_ctx(), handler=handler)
+        server = await server_carrier.listen(LOCAL, 0, tls=mutual_tls(), handler=handler)
         try:
             await scenario(client_carrier, server.port, accepted)
         finally:
@@ -153,11 +139,11 @@ def test_mutual_tls_exposes_both_parties(tmp_path: pathlib.Path) -> None:
     ca = CertAuthority(tmp_path)
 
     async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
-        channel = await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+        channel = await client.connect(LOCAL, port, tls=mutual_tls(), server_hostname="9999", timeout=5)
         assert channel.peer_party == "9999"
         await channel.send(b"hello")
         await channel.aclose()
-        assert await _collect(channel) == b"hello"
+        assert await collect(channel) == b"hello"
         assert [c.peer_party for c in accepted] == ["10000"]
 
     _mtls_pair(tmp_path, ca.issue("9999"), ca.issue("10000"), scenario)
@@ -167,7 +153,7 @@ def test_party_id_in_a_san_is_accepted(tmp_path: pathlib.Path) -> None:
     ca = CertAuthority(tmp_path)
 
     async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
-        channel = await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+        channel = await client.connect(LOCAL, port, tls=mutual_tls(), server_hostname="9999", timeout=5)
         assert channel.peer_party == "9999"
         await channel.aclose()
 
@@ -179,7 +165,7 @@ def test_wrong_party_is_refused(tmp_path: pathlib.Path) -> None:
 
     async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
         with pytest.raises(PeerUnavailableError, match=r"party '9999', expected '8888'"):
-            await client.connect(LOCAL, port, tls=_ctx(), server_hostname="8888", timeout=5)
+            await client.connect(LOCAL, port, tls=mutual_tls(), server_hostname="8888", timeout=5)
         assert accepted == []
 
     _mtls_pair(tmp_path, ca.issue("9999"), ca.issue("10000"), scenario)
@@ -194,7 +180,7 @@ def test_client_from_another_ca_is_refused(tmp_path: pathlib.Path) -> None:
 
     async def scenario(client: QuicCarrier, port: int, accepted: list[ByteChannel]) -> None:
         with pytest.raises(PeerUnavailableError, match="certificate rejected"):
-            await client.connect(LOCAL, port, tls=_ctx(), server_hostname="9999", timeout=5)
+            await client.connect(LOCAL, port, tls=mutual_tls(), server_hostname="9999", timeout=5)
         await asyncio.sleep(0.05)
         assert accepted == []
 
@@ -214,7 +200,7 @@ def test_insecure_client_is_refused_by_mutual_server(tmp_path: pathlib.Path) -> 
 def test_mutual_tls_needs_an_identity() -> None:
     async def scenario() -> None:
         with pytest.raises(ConfigError, match="no identity"):
-            await QuicCarrier().connect(LOCAL, 9, tls=_ctx(), server_hostname="1", timeout=1)
+            await QuicCarrier().connect(LOCAL, 9, tls=mutual_tls(), server_hostname="1", timeout=1)
 
     run(scenario())
 
@@ -255,7 +241,7 @@ def test_server_close_fails_channels_with_reason() -> None:
 def test_qlog_trace_written_per_peer(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         async def handler(channel: ByteChannel) -> None:
-            await _collect(channel)
+            await collect(channel)
 
         traced = QuicConfig(qlog_dir=str(tmp_path), qlog_peers=("127.0.0.1",))
         server = await QuicCarrier().listen(LOCAL, 0, tls=None, handler=handler)
@@ -292,7 +278,7 @@ def test_path_outage_shorter_than_idle_timeout_is_survived() -> None:
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         async def handler(channel: ByteChannel) -> None:
-            got.set_result(await _collect(channel))
+            got.set_result(await collect(channel))
 
         config = QuicConfig(idle_timeout_s=6.0, keepalive_s=0.5)
         server = await QuicCarrier(config).listen(LOCAL, 0, tls=None, handler=handler)
@@ -319,7 +305,7 @@ def test_path_outage_shorter_than_idle_timeout_is_survived() -> None:
 def test_path_outage_longer_than_idle_timeout_fails_cleanly() -> None:
     async def scenario() -> None:
         async def handler(channel: ByteChannel) -> None:
-            await _collect(channel)
+            await collect(channel)
 
         config = QuicConfig(idle_timeout_s=1.5, keepalive_s=0.3)
         server = await QuicCarrier(config).listen(LOCAL, 0, tls=None, handler=handler)
@@ -358,7 +344,7 @@ def test_address_change_mid_transfer_is_survived() -> None:
         got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         async def handler(channel: ByteChannel) -> None:
-            got.set_result(await _collect(channel))
+            got.set_result(await collect(channel))
 
         server = await QuicCarrier().listen(LOCAL, 0, tls=None, handler=handler)
         relay = await UdpRelay.start((LOCAL, server.port))

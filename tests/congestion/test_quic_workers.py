@@ -8,7 +8,6 @@ import pathlib
 import random
 import signal
 import socket
-import ssl
 from collections.abc import Awaitable
 
 import pytest
@@ -20,6 +19,7 @@ from fedgate.congestion.quic_workers import QuicWorkerCarrier
 from fedgate.errors import PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
 from tests.congestion.certs import CertAuthority
+from tests.congestion.channels import collect, mutual_tls
 from tests.congestion.relay import UdpRelay
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,19 +32,6 @@ def run(coro: Awaitable[None]) -> None:
         await asyncio.wait_for(coro, 100)
 
     asyncio.run(wrapper())
-
-
-def _ctx() -> ssl.SSLContext:
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-
-
-async def _collect(channel: ByteChannel) -> bytes:
-    out = bytearray()
-    while True:
-        data = await channel.receive()
-        if not data:
-            return bytes(out)
-        out.extend(data)
 
 
 def test_the_kernel_steers_datagrams_by_the_first_connection_id_byte() -> None:
@@ -82,18 +69,18 @@ def test_channels_cross_worker_processes_with_mutual_tls(tmp_path: pathlib.Path)
 
         async def echo(channel: ByteChannel) -> None:
             accepted.append(channel.peer_party)
-            data = await _collect(channel)
+            data = await collect(channel)
             await channel.send(data[::-1])
 
-        listening = await server.listen(LOCAL, 0, tls=_ctx(), handler=echo)
+        listening = await server.listen(LOCAL, 0, tls=mutual_tls(), handler=echo)
         try:
             async def one(lane: int, blob: bytes) -> bytes:
-                channel = await client.connect(LOCAL, listening.port, tls=_ctx(), server_hostname="9999",
+                channel = await client.connect(LOCAL, listening.port, tls=mutual_tls(), server_hostname="9999",
                                                timeout=10, lane=lane)
                 assert channel.peer_party == "9999"
                 await channel.send(blob)
                 await channel.send(b"")  # an empty send is allowed and sends nothing
-                closing = asyncio.ensure_future(_collect(channel))
+                closing = asyncio.ensure_future(collect(channel))
                 await asyncio.sleep(0)
                 await channel.aclose()
                 return await closing
@@ -120,7 +107,7 @@ def test_a_worker_that_dies_fails_its_channels_and_is_restarted() -> None:
 
         async def hold(channel: ByteChannel) -> None:
             held.set()
-            await _collect(channel)
+            await collect(channel)
 
         listening = await server.listen(LOCAL, 0, tls=None, handler=hold)
         try:
@@ -203,7 +190,7 @@ def test_a_large_backlog_crosses_the_bridge_in_bounded_frames() -> None:
 
         async def late_reader(channel: ByteChannel) -> None:
             await asyncio.sleep(1.5)
-            got.set_result(await _collect(channel))
+            got.set_result(await collect(channel))
 
         server = QuicWorkerCarrier(QuicConfig(workers=1))
         listening = await server.listen(LOCAL, 0, tls=None, handler=late_reader)
