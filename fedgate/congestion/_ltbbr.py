@@ -15,9 +15,15 @@ Rules of this module:
        by more than noise (``K_LOSS_MARGIN`` or three binomial standard deviations), or
    (b) the loss rate stayed above ``K_PERSISTENT_LOSS`` for ``K_PERSISTENT_ROUNDS`` windows.
    On congestion the usable bandwidth is capped (``bw_hi = K_BETA x`` the rate delivered in that
-   window), STARTUP ends, a bandwidth probe ends; ``bw_hi`` then grows by 1, 2, 4, ... packets per
-   min_rtt in successive clean windows (the same absolute steps for every flow, so competing flows
-   converge as under AIMD) and is released once it no longer binds.
+   window, but at least ``K_BETA_FLOOR x`` the model: a window of one round trip is short, and one
+   noisy window cuts at most 30%, as BBRv2's bw_lo does per round), and so is the data in flight
+   (``inflight_hi = K_BETA x`` the most that was in flight in that window); STARTUP ends, a bandwidth
+   probe ends. ``bw_hi`` then grows by 1, 2, 4, ... packets per min_rtt in successive clean windows
+   (the same absolute steps for every flow, so competing flows converge as under AIMD) and is
+   released once it no longer binds. ``inflight_hi`` holds for ``K_INFLIGHT_HOLD`` seconds after the
+   last congestion event, then grows the same way: the volume that overflowed the queue once is not
+   tried again at once, while the rate recovers within a few round trips (at 20 ms RTT and a sender
+   that sends in bursts, releasing both together overflowed the queue 3-4 times a second).
 4. STARTUP also ends when the queue it builds exceeds ``K_STARTUP_QUEUE_RATIO`` x min_rtt, so that
    with a bottleneck buffer of one BDP the sender does not overflow it.
 5. The cwnd target adds BBR's ack-aggregation allowance (``extra_acked``: data acked beyond what bw
@@ -74,7 +80,9 @@ K_BASELINE_MAX = 0.5  # the random-loss baseline never exceeds this
 K_BASELINE_WINDOWS = 8  # the baseline is a running mean over the first windows, then an EWMA of 1/this
 K_PERSISTENT_LOSS = 0.2  # loss rate that is congestion whatever the queue...
 K_PERSISTENT_ROUNDS = 3  # ...when it lasts this many windows
-K_BETA = 0.85  # bw_hi = K_BETA x delivery rate of the congested window
+K_BETA = 0.85  # bw_hi = K_BETA x delivery rate of the congested window...
+K_BETA_FLOOR = 0.7  # ...but no less than this x the bandwidth model (one event cuts at most 30%)
+K_INFLIGHT_HOLD = 2.0  # seconds inflight_hi holds after a congestion event before it grows
 K_BW_HI_GROWTH_MAX_EXP = 16  # bw_hi grows by 2**k packets per min_rtt in the k-th clean window, k <= this
 K_BW_HI_RELEASE = 2.0  # bw_hi is dropped once it exceeds this x the max filter
 K_EXTRA_ACKED_MAX = 0.1  # seconds of data at bw: cap of the ack-aggregation allowance added to cwnd
@@ -132,6 +140,8 @@ class LtBbr(CongestionController):
         self.state = LtBbrState.STARTUP
         self._bw_filter = _RoundMaxFilter(K_BW_WINDOW_ROUNDS)
         self._bw_hi: float | None = None
+        self._inflight_hi: float | None = None
+        self._inflight_hold_until = 0.0
         self._round_count = 0
         self._next_round_delivered = 0
         self._full_bw = 0.0
@@ -165,6 +175,7 @@ class LtBbr(CongestionController):
         self._win_packets = 0
         self._win_rtt_sum = 0.0
         self._win_rtt_n = 0
+        self._win_inflight_max = 0
         self._loss_baseline = 0.0
         self._baseline_windows = 0
         self._high_loss_windows = 0
@@ -204,6 +215,10 @@ class LtBbr(CongestionController):
     def bw_hi(self) -> float | None:
         return self._bw_hi
 
+    @property
+    def inflight_hi(self) -> float | None:
+        return self._inflight_hi
+
     def _state_name(self) -> str:
         return self.state.value
 
@@ -234,6 +249,9 @@ class LtBbr(CongestionController):
         self._win_packets += 1
         self._win_rtt_sum += sample.rtt
         self._win_rtt_n += 1
+        inflight = self._bytes_in_flight + packet.size
+        if inflight > self._win_inflight_max:
+            self._win_inflight_max = inflight
         if sample.delivery_rate > 0 and (not sample.app_limited or sample.delivery_rate > self._bw_filter.get()):
             self._bw_filter.offer(sample.delivery_rate)
         self._update_min_rtt(now, sample.rtt)
@@ -264,6 +282,7 @@ class LtBbr(CongestionController):
         self._extra_filter.reset()
         self._agg_start = None
         self._bw_hi = None
+        self._inflight_hi = None
         self._full_bw = 0.0
         self._full_bw_count = 0
         self._filled_pipe = False
@@ -365,16 +384,22 @@ class LtBbr(CongestionController):
         elapsed = now - self._win_start if self._win_start is not None else 0.0
         win_rate = self._win_acked / elapsed if elapsed > 0 else 0.0
         if congested:
-            self._on_congestion(win_rate)
+            self._on_congestion(now, win_rate)
         else:
             if self._bw_hi is not None:
                 # Additive in absolute terms (the same for every flow), doubling each clean window:
                 # flows sharing a bottleneck converge towards equal shares, as with AIMD.
                 step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
                 self._bw_hi += step / min_rtt
-                self._clean_windows += 1
                 if self._bw_hi > K_BW_HI_RELEASE * self._bw_filter.get():
                     self._bw_hi = None
+            if self._inflight_hi is not None and now >= self._inflight_hold_until:
+                step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
+                self._inflight_hi += step
+                if self._inflight_hi > K_BW_HI_RELEASE * self._cwnd_target():
+                    self._inflight_hi = None
+            if self._bw_hi is not None or self._inflight_hi is not None:
+                self._clean_windows += 1
             if (
                 self.state is LtBbrState.STARTUP
                 and queue_delay > max(K_STARTUP_QUEUE_RATIO * min_rtt, K_QUEUE_MIN_DELAY)
@@ -383,14 +408,20 @@ class LtBbr(CongestionController):
                 self._filled_pipe = True
         self._reset_window(now)
 
-    def _on_congestion(self, win_rate: float) -> None:
+    def _on_congestion(self, now: float, win_rate: float) -> None:
         self._count_congestion_event()
         self._high_loss_windows = 0
         self._clean_windows = 0
-        cap = K_BETA * (win_rate if win_rate > 0 else self._bw())
+        # A window's delivered rate swings widely at short RTT: 38-123 Mbit/s across windows at
+        # 20 ms / 100 Mbit/s, with a sender or receiver descheduled for a few ms of some windows.
+        # Congestion that persists cuts again in the next window.
+        cap = max(K_BETA * win_rate, K_BETA_FLOOR * self._bw())
         floor = K_MIN_CWND_PACKETS * self.max_datagram_size / (self._model_min_rtt or K_INITIAL_RTT)
         cap = max(cap, floor)
         self._bw_hi = cap if self._bw_hi is None else min(self._bw_hi, cap)
+        volume = max(K_BETA * self._win_inflight_max, float(K_MIN_CWND_PACKETS * self.max_datagram_size))
+        self._inflight_hi = volume if self._inflight_hi is None else min(self._inflight_hi, volume)
+        self._inflight_hold_until = now + K_INFLIGHT_HOLD
         if self.state is LtBbrState.STARTUP:
             self._filled_pipe = True
         elif self.state is LtBbrState.PROBE_BW and K_PROBE_GAINS[self._cycle_index] > 1.0:
@@ -405,6 +436,7 @@ class LtBbr(CongestionController):
         self._win_packets = 0
         self._win_rtt_sum = 0.0
         self._win_rtt_n = 0
+        self._win_inflight_max = 0
 
     def _enter_startup(self) -> None:
         self.state = LtBbrState.STARTUP
@@ -467,8 +499,7 @@ class LtBbr(CongestionController):
     def _update_cwnd(self, acked: int) -> None:
         # The aggregation allowance only once the pipe is full: in STARTUP the lagging bw estimate
         # makes every ack look "extra", and the 2 x BDP cap is what keeps STARTUP inside the queue.
-        extra = self._extra_filter.get() if self._filled_pipe else 0.0
-        target = int(self._cwnd_gain * self._bdp() + extra) + 3 * self.max_datagram_size
+        target = self._cwnd_target()
         bw = self._bw()
         if bw <= 0:
             self._cwnd += acked
@@ -476,4 +507,10 @@ class LtBbr(CongestionController):
             self._cwnd = min(self._cwnd + acked, target)
         elif self._cwnd < target or self._delivered < K_INITIAL_WINDOW_PACKETS * self.max_datagram_size:
             self._cwnd += acked
+        if self._inflight_hi is not None and self._cwnd > self._inflight_hi:
+            self._cwnd = int(self._inflight_hi)
         self._cwnd = max(self._cwnd, K_MIN_CWND_PACKETS * self.max_datagram_size)
+
+    def _cwnd_target(self) -> int:
+        extra = self._extra_filter.get() if self._filled_pipe else 0.0
+        return int(self._cwnd_gain * self._bdp() + extra) + 3 * self.max_datagram_size

@@ -88,6 +88,50 @@ def test_loss_with_rising_queue_is_congestion() -> None:
     assert after is not None and after < before
 
 
+def _round(cc: LtBbr, now: float, first_id: int, *, rtt: float, lost: int = 0, packets: int = 40) -> int:
+    """Send ``packets`` at ``now``; lose the first ``lost`` at half the RTT, ack the rest at ``now + rtt``."""
+    ids = list(range(first_id, first_id + packets))
+    for pid in ids:
+        cc.on_packet_sent(now=now, packet_id=pid, size=MDS)
+    if lost:
+        cc.on_packets_lost(now=now + rtt / 2, packet_ids=ids[:lost])
+    for pid in ids[lost:]:
+        cc.on_packet_acked(now=now + rtt, packet_id=pid)
+    return first_id + packets
+
+
+def test_a_congestion_event_caps_rate_and_volume_then_recovers() -> None:
+    cc = LtBbr(max_datagram_size=MDS)
+    now, pid = 0.0, 0
+    for _ in range(6):
+        pid = _round(cc, now, pid, rtt=0.1)
+        now += 0.1
+    model = cc.statistics().bandwidth_estimate
+    assert model is not None and cc.bw_hi is None and cc.inflight_hi is None
+    # A round that loses 10% with a long queue, and whose ACKs come 2 s late: the window's delivered
+    # rate is a twentieth of the model's.
+    pid = _round(cc, now, pid, rtt=2.0, lost=4)
+    now += 2.0
+    assert cc.statistics().congestion_events == 1
+    assert cc.bw_hi is not None
+    assert 0.7 * model <= cc.bw_hi < model  # one event cuts at most 30%, however short the window
+    volume = cc.inflight_hi
+    assert volume is not None
+    assert 0.85 * 36 * MDS <= volume <= 0.85 * 40 * MDS  # 36 to 40 packets were in flight in that window
+    assert cc.congestion_window <= volume
+    for _ in range(15):  # 1.5 s of clean rounds: the rate recovers, the volume holds
+        pid = _round(cc, now, pid, rtt=0.1)
+        now += 0.1
+    assert cc.bw_hi is None or cc.bw_hi > 0.7 * model
+    assert cc.inflight_hi == volume
+    assert cc.congestion_window <= volume
+    for _ in range(25):  # 2.5 s more: the hold is over, the volume grows and is released
+        pid = _round(cc, now, pid, rtt=0.1)
+        now += 0.1
+    assert cc.inflight_hi is None
+    assert cc.statistics().congestion_events == 1
+
+
 def test_yields_to_a_second_flow() -> None:
     link = LinkSpec(rate_bps=10e6, rtt=0.08)
     flows = [FlowSpec(controller=LtBbr), FlowSpec(controller=LtBbr, start=10.0)]

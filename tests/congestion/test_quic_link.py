@@ -80,6 +80,40 @@ def test_bytes_arrive_intact_and_in_order(loop: str) -> None:
     run(scenario(), loop=loop)
 
 
+def test_aioquic_runs_on_a_precise_clock_under_uvloop() -> None:
+    # uvloop's loop.time() counts whole milliseconds; ACK times taken from it cut every RTT and
+    # delivery-rate sample to the millisecond. The connection must use the precise clock.
+    async def scenario() -> None:
+        async def handler(channel: ByteChannel) -> None:
+            await collect(channel)
+            await channel.aclose()
+
+        server_carrier, client_carrier = QuicCarrier(), QuicCarrier()
+        server = await server_carrier.listen(LOCAL, 0, tls=None, handler=handler)
+        try:
+            channel = await client_carrier.connect(LOCAL, server.port, tls=None, server_hostname=None, timeout=5)
+            quic = channel._protocol._quic
+            stamps: list[float] = []
+            receive = quic.receive_datagram
+
+            def recording(data: bytes, addr: object, now: float) -> None:
+                stamps.append(now)
+                receive(data, addr, now=now)
+
+            setattr(quic, "receive_datagram", recording)  # noqa: B010 (instance-level hook)
+            await channel.send(bytes(2 * 1024 * 1024))
+            await channel.aclose()
+            assert await channel.receive() == b""
+        finally:
+            await client_carrier.aclose()
+            await server.aclose()
+        assert len(stamps) >= 10
+        whole_ms = [t for t in stamps if abs(t * 1000 - round(t * 1000)) < 1e-6]
+        assert len(whole_ms) <= len(stamps) // 10, (len(whole_ms), len(stamps))
+
+    run(scenario(), loop="uvloop")
+
+
 def test_channels_to_one_peer_share_one_connection() -> None:
     async def scenario() -> None:
         async def echo(channel: ByteChannel) -> None:
