@@ -9,30 +9,40 @@ Rules of this module (an asyncio adapter shared by :mod:`~fedgate.congestion.qui
 3. ``aclose`` half-closes, as a QUIC stream's FIN does: what the peer still sends can be received
    until it ends (or ``K_LINGER`` passes, when the Unix stream is closed whatever happens).
 4. Worker -> gateway: frames of a 1-byte kind and a 4-byte big-endian length: ``D`` data, ``E`` the
-   peer ended its stream cleanly, ``X`` the QUIC side failed (UTF-8 reason). A Unix stream that ends
-   without ``E`` or ``X`` means the worker died: the channel fails, saying so.
-5. Everything read here came from another process: lengths and JSON are checked, never trusted.
+   peer ended its stream cleanly, ``X`` the QUIC side failed (UTF-8 reason), ``S`` the connection's
+   congestion-controller snapshot as JSON (at the start, then every ``K_STATS_EVERY`` seconds; the
+   gateway keeps the last one for its metrics). A Unix stream that ends without ``E`` or ``X`` means
+   the worker died: the channel fails, saying so.
+5. Everything read here came from another process: lengths and JSON are checked, never trusted. A
+   malformed snapshot is dropped (logged once per channel); it never fails the channel's data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import struct
 from typing import Any
 
+from fedgate.congestion._base import CongestionStatistics
 from fedgate.errors import LocalError, PeerUnavailableError
 
-__all__ = ["BridgeChannel", "read_line", "write_line"]
+__all__ = ["BridgeChannel", "parse_statistics", "read_line", "statistics_frame", "write_line"]
+
+log = logging.getLogger("fedgate.congestion.quic_workers")
 
 K_MAX_LINE = 64 * 1024  # bytes of one JSON line
 K_FRAME_DATA = 1024 * 1024  # bytes of data a worker puts in one frame at most
 K_MAX_FRAME = 4 * K_FRAME_DATA  # bytes of one worker -> gateway frame the gateway accepts
 K_READ = 256 * 1024  # bytes per read of the gateway -> worker stream
 K_LINGER = 60.0  # seconds a half-closed channel waits for the peer's end before it is closed anyway
+K_STATS_EVERY = 1.0  # seconds between a worker's controller snapshots of one channel
 K_HEADER = struct.Struct(">cI")
-KIND_DATA, KIND_END, KIND_ERROR = b"D", b"E", b"X"
+KIND_DATA, KIND_END, KIND_ERROR, KIND_STATS = b"D", b"E", b"X", b"S"
+_STATS_TYPES = {"str": (str,), "int": (int,), "float | None": (int, float, type(None))}
 
 
 async def read_line(reader: asyncio.StreamReader, *, what: str) -> dict[str, Any]:
@@ -60,6 +70,26 @@ def frame(kind: bytes, data: bytes = b"") -> bytes:
     return K_HEADER.pack(kind, len(data)) + data
 
 
+def statistics_frame(stats: CongestionStatistics) -> bytes:
+    return frame(KIND_STATS, json.dumps(dataclasses.asdict(stats), separators=(",", ":")).encode())
+
+
+def parse_statistics(data: bytes) -> CongestionStatistics | None:
+    """A snapshot from an ``S`` frame, or None if it is not one field for field (rule 5)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    fields = dataclasses.fields(CongestionStatistics)
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields}:
+        return None
+    for f in fields:
+        item = value[f.name]
+        if not isinstance(item, _STATS_TYPES[str(f.type)]) or isinstance(item, bool):
+            return None
+    return CongestionStatistics(**value)
+
+
 class BridgeChannel:
     """The gateway's end of a bridged QUIC channel (a :class:`fedgate.proxy.carrier.ByteChannel`)."""
 
@@ -76,6 +106,8 @@ class BridgeChannel:
         self._error: PeerUnavailableError | None = None
         self._closed = False
         self._linger: asyncio.TimerHandle | None = None
+        self._stats: CongestionStatistics | None = None
+        self._bad_stats_logged = False
 
     @property
     def peer_party(self) -> str | None:
@@ -84,6 +116,10 @@ class BridgeChannel:
     @property
     def description(self) -> str:
         return self._description
+
+    def statistics(self) -> CongestionStatistics | None:
+        """The worker's last snapshot of this channel's QUIC connection (rule 4), if one came."""
+        return self._stats
 
     async def send(self, data: bytes | memoryview) -> None:
         if self._closed:
@@ -125,6 +161,14 @@ class BridgeChannel:
             raise self._error from exc
         if kind == KIND_DATA:
             return data or None
+        if kind == KIND_STATS:
+            stats = parse_statistics(data)
+            if stats is not None:
+                self._stats = stats
+            elif not self._bad_stats_logged:
+                self._bad_stats_logged = True
+                log.warning("%s: %s sent a malformed controller snapshot; ignored", self._description, self._worker)
+            return None
         if kind == KIND_END:
             self._eof = True
             return b""

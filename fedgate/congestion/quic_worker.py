@@ -37,10 +37,12 @@ from fedgate.congestion._bridge import (
     K_FRAME_DATA,
     K_MAX_LINE,
     K_READ,
+    K_STATS_EVERY,
     KIND_DATA,
     KIND_END,
     KIND_ERROR,
     frame,
+    statistics_frame,
     write_line,
 )
 from fedgate.congestion._quic_tls import QuicIdentity
@@ -180,6 +182,13 @@ async def splice(channel: QuicByteChannel, reader: asyncio.StreamReader, writer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
 
+    async def report() -> None:  # the controller's snapshot, for the gateway's metrics
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            while not writer.is_closing():
+                writer.write(statistics_frame(channel.statistics()))
+                await asyncio.sleep(K_STATS_EVERY)
+
+    reporter = asyncio.ensure_future(report())
     tasks = [asyncio.ensure_future(outward()), asyncio.ensure_future(inward())]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -192,9 +201,10 @@ async def splice(channel: QuicByteChannel, reader: asyncio.StreamReader, writer:
                 else:
                     log.error("%s: bridge failed", channel.description, exc_info=task.exception())
     finally:
+        reporter.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(reporter, *tasks, return_exceptions=True)
         await channel.aclose()
 
 

@@ -2,14 +2,22 @@
 
 Rules of this module: no metric object lives at module level (tests and several gateways in one
 process each pass their own ``CollectorRegistry``); every name starts with ``fedgate_link_``;
-the label ``peer`` is the other party's id.
+the label ``peer`` is the other party's id. ``fedgate_link_carrier_*`` are read at scrape time from
+the congestion controller of each open outbound connection whose carrier has one (QUIC, in the
+gateway or in a worker process), with a ``lane`` label; a lane without one has no samples.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Callable, Iterator, Mapping
 
-__all__ = ["LinkMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fedgate.congestion import CongestionStatistics
+
+__all__ = ["CarrierCollector", "LinkMetrics"]
 
 
 class LinkMetrics:
@@ -38,3 +46,50 @@ class LinkMetrics:
         self.inbound_rejected = counter("inbound_rejected_messages", "Messages from the peer the audit rejected.")
         self.store_full = counter("store_full_retries", "Store writes refused as full and retried (held back).")
         self.inbound_connections = gauge("inbound_connections", "Open link connections from the peer.")
+
+
+class CarrierCollector(Collector):
+    """``fedgate_link_carrier_*``: the congestion controllers of the open outbound connections.
+
+    ``source`` maps a sender name (the peer's party id for lane 0, ``party#N`` for lane N) to its
+    controller's snapshot. Counters count per connection: they restart at 0 when a lane reconnects.
+    """
+
+    def __init__(self, source: Callable[[], Mapping[str, CongestionStatistics]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["peer", "lane"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"fedgate_link_carrier_{name}", doc, labels=labels)
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"fedgate_link_carrier_{name}", doc, labels=labels)
+
+        info = GaugeMetricFamily("fedgate_link_carrier_controller", "1 per open connection, labelled with its "
+                                 "congestion controller and that controller's state.",
+                                 labels=[*labels, "controller", "state"])
+        cwnd = gauge("congestion_window_bytes", "Congestion window of the connection, bytes.")
+        in_flight = gauge("in_flight_bytes", "Bytes sent and not yet acknowledged or declared lost.")
+        pacing = gauge("pacing_rate_bytes_per_second", "Rate the pacer releases packets at.")
+        model = gauge("bandwidth_estimate_bytes_per_second", "The controller's model of the path's bandwidth.")
+        min_rtt = gauge("min_rtt_seconds", "Smallest round trip the controller measured.")
+        srtt = gauge("smoothed_rtt_seconds", "Smoothed round trip.")
+        sent = counter("sent_packets", "Packets sent on the connection.")
+        lost = counter("lost_packets", "Packets the connection declared lost.")
+        events = counter("congestion_events", "Times the controller backed off on congestion.")
+        for name, stats in sorted(self._source().items()):
+            peer, _, lane = name.partition("#")
+            values = [peer, lane or "0"]
+            info.add_metric([*values, stats.name, stats.state], 1)
+            cwnd.add_metric(values, stats.congestion_window)
+            in_flight.add_metric(values, stats.bytes_in_flight)
+            for family, value in ((pacing, stats.pacing_rate), (model, stats.bandwidth_estimate),
+                                  (min_rtt, stats.min_rtt), (srtt, stats.smoothed_rtt)):
+                if value is not None:
+                    family.add_metric(values, value)
+            sent.add_metric(values, stats.packets_sent)
+            lost.add_metric(values, stats.packets_lost)
+            events.add_metric(values, stats.congestion_events)
+        yield from (info, cwnd, in_flight, pacing, model, min_rtt, srtt, sent, lost, events)

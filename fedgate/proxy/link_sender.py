@@ -14,6 +14,7 @@ Rules of this module:
    ``params.window_bytes`` bytes (large ones are read from the outbox two at a time); sent but
    unacknowledged ones under ``max_unacked`` messages and the peer's credit window in bytes.
 5. ``statistics()`` is a frozen snapshot; metrics are updated as events happen.
+   ``carrier_statistics()`` is the open connection's congestion controller, where the carrier has one.
 6. A message the peer would refuse whatever we do (over its HELLO size limit, a header over the
    frame limits) is not retried forever: it is dropped from the outbox as rejected (rule
    ``link-limits``), logged, counted and handed to ``on_rejected`` like an audit rejection.
@@ -36,6 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from fedgate.congestion import CongestionStatistics
 from fedgate.errors import FedgateError, MessageTooLargeError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
 from fedgate.proxy.link_core import K_LANES_CAPABILITY, LinkParams, LinkProtocolViolation, lane_capability
@@ -172,6 +174,13 @@ class LinkSender:
             rtt=self._rtt, outbox_depth=depth, oldest_age_s=None if oldest is None else max(0.0, time.time() - oldest),
             last_error=self._last_error, endpoint=self._endpoint, clock_skew_s=self._skew, **self._stats,
         )
+
+    def carrier_statistics(self) -> CongestionStatistics | None:
+        """The open connection's congestion-controller snapshot, where its carrier keeps one (QUIC)."""
+        conn = self._conn
+        probe = getattr(conn.channel, "statistics", None) if conn is not None else None
+        stats = probe() if callable(probe) else None
+        return stats if isinstance(stats, CongestionStatistics) else None
 
     async def run(self) -> None:
         """Connect, send, reconnect; returns only after :meth:`aclose`."""

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CollectorRegistry
 
 from fedgate.config import FedgateConfig, parse_hostport
+from fedgate.congestion import CongestionStatistics
 from fedgate.errors import ConfigError, FedgateError, PeerUnavailableError, RouteError
 from fedgate.proxy.carrier import ByteChannel, Carrier, CarrierServer
 from fedgate.proxy.carriers import load_carrier
@@ -36,7 +37,7 @@ from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_events import Rejection
 from fedgate.proxy.link_listener import LinkListener, LinkListenerStatistics
-from fedgate.proxy.link_metrics import LinkMetrics
+from fedgate.proxy.link_metrics import CarrierCollector, LinkMetrics
 from fedgate.proxy.link_sender import LinkSender, LinkSenderStatistics
 from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore, outbox_of
@@ -92,6 +93,9 @@ class LinkManager:
         self._store = store
         self._router = router
         self._metrics = LinkMetrics(registry)
+        self._registry = registry
+        self._carrier_collector = CarrierCollector(self.carrier_statistics)
+        registry.register(self._carrier_collector)
         self._on_inbound = on_inbound
         self._on_rejected = on_rejected
         self._party = config.gateway.party_ids[0]
@@ -235,6 +239,15 @@ class LinkManager:
         """Per sender: the peer's party id for lane 0, ``party#N`` for lane N."""
         return {name: sender.statistics() for name, sender in self._senders.items()}
 
+    def carrier_statistics(self) -> dict[str, CongestionStatistics]:
+        """Per sender with an open connection whose carrier has a congestion controller (QUIC)."""
+        out: dict[str, CongestionStatistics] = {}
+        for name, sender in self._senders.items():
+            stats = sender.carrier_statistics()
+            if stats is not None:
+                out[name] = stats
+        return out
+
     def listener_statistics(self) -> LinkListenerStatistics | None:
         return None if self._listener is None else self._listener.statistics()
 
@@ -242,6 +255,8 @@ class LinkManager:
         if self._closing:
             return
         self._closing = True
+        with contextlib.suppress(KeyError):
+            self._registry.unregister(self._carrier_collector)
         await asyncio.gather(*(s.aclose() for s in self._senders.values()), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()

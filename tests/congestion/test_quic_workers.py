@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import random
@@ -12,6 +13,8 @@ from collections.abc import Awaitable
 
 import pytest
 
+from fedgate.congestion import CongestionStatistics
+from fedgate.congestion._bridge import parse_statistics, statistics_frame
 from fedgate.congestion._steering import reuseport_group
 from fedgate.congestion.config import QuicConfig
 from fedgate.congestion.quic_link import QuicCarrier, create_carrier
@@ -53,6 +56,26 @@ def test_the_kernel_steers_datagrams_by_the_first_connection_id_byte() -> None:
             sock.close()
 
 
+def test_controller_snapshots_cross_the_bridge_checked() -> None:
+    stats = CongestionStatistics(
+        name="ltbbr", state="probe_bw", congestion_window=90_000, bytes_in_flight=1452, pacing_rate=1.25e7,
+        bandwidth_estimate=None, min_rtt=0.02, smoothed_rtt=0.021, delivered_bytes=5, lost_bytes=0,
+        packets_sent=9, packets_acked=8, packets_lost=0, congestion_events=1,
+    )
+    encoded = statistics_frame(stats)[5:]  # past the frame header
+    assert parse_statistics(encoded) == stats
+    good = json.loads(encoded)
+    for bad in (
+        b"not json", b"[]", json.dumps({**good, "extra": 1}).encode(),
+        json.dumps({k: v for k, v in good.items() if k != "state"}).encode(),
+        json.dumps({**good, "congestion_window": True}).encode(),
+        json.dumps({**good, "packets_sent": 1.5}).encode(),
+        json.dumps({**good, "min_rtt": "0.02"}).encode(),
+        json.dumps({**good, "name": None}).encode(),
+    ):
+        assert parse_statistics(bad) is None, bad
+
+
 def test_create_carrier_picks_workers_only_when_asked() -> None:
     assert isinstance(create_carrier(QuicConfig()), QuicCarrier)
     assert isinstance(create_carrier(QuicConfig(workers=2)), QuicWorkerCarrier)
@@ -74,7 +97,7 @@ def test_channels_cross_worker_processes_with_mutual_tls(tmp_path: pathlib.Path)
 
         listening = await server.listen(LOCAL, 0, tls=mutual_tls(), handler=echo)
         try:
-            async def one(lane: int, blob: bytes) -> bytes:
+            async def one(lane: int, blob: bytes) -> tuple[bytes, CongestionStatistics | None]:
                 channel = await client.connect(LOCAL, listening.port, tls=mutual_tls(), server_hostname="9999",
                                                timeout=10, lane=lane)
                 assert channel.peer_party == "9999"
@@ -83,10 +106,12 @@ def test_channels_cross_worker_processes_with_mutual_tls(tmp_path: pathlib.Path)
                 closing = asyncio.ensure_future(collect(channel))
                 await asyncio.sleep(0)
                 await channel.aclose()
-                return await closing
+                return await closing, channel.statistics()
 
-            got = await asyncio.gather(*(one(lane, blob) for lane, blob in enumerate(blobs)))
-            assert got == [b[::-1] for b in blobs]
+            results = await asyncio.gather(*(one(lane, blob) for lane, blob in enumerate(blobs)))
+            assert [data for data, _ in results] == [b[::-1] for b in blobs]
+            for _, stats in results:  # the worker's snapshot of the connection's controller came along
+                assert stats is not None and stats.name == "ltbbr" and stats.congestion_window > 0
             assert accepted == ["10000"] * 4
             pids = client.worker_pids + server.worker_pids
             assert len(set(pids)) == 4 and os.getpid() not in pids and None not in pids

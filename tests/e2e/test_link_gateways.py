@@ -114,6 +114,19 @@ def test_lanes_carry_a_peers_topics_side_by_side_each_in_order(
             assert all(s.reconnects == 0 for s in stats.values())  # no lane replaced another
             listener = gb.links.listener_statistics()
             assert listener is not None and listener.connections == 3 and listener.peers == ("9999",)
+            # each lane's congestion controller, read at scrape time (QUIC only; from the workers too)
+            controllers = {
+                (sample.labels["peer"], sample.labels["lane"]): sample.labels["controller"]
+                for family in ga.registry.collect() if family.name == "fedgate_link_carrier_controller"
+                for sample in family.samples
+            }
+            windows = [ga.registry.get_sample_value("fedgate_link_carrier_congestion_window_bytes",
+                                                    {"peer": "10000", "lane": lane}) for lane in "012"]
+            if transport == "quic":
+                assert controllers == {("10000", lane): "ltbbr" for lane in "012"}
+                assert all(w is not None and w > 0 for w in windows)
+            else:
+                assert controllers == {} and windows == [None] * 3
             if transport == "quic" and not workers:  # one QUIC connection per lane
                 quic_servers = [s for s in gb.links._servers if type(s).__name__ == "QuicCarrierServer"]
                 assert [s.connections for s in quic_servers] == [3]  # type: ignore[attr-defined]
