@@ -13,7 +13,7 @@ Rules of this module (an asyncio adapter; :mod:`fedgate.congestion.quic_link` bu
 4. aioquic's clock is ``time.monotonic()``, not ``loop.time()``: uvloop's loop time is libuv's
    millisecond tick, so every send time, ACK time and RTT sample was cut to whole milliseconds. At
    20 ms RTT that is up to 5% of a delivery-rate sample's interval, and BBR's max filter keeps the
-   samples it shortened (the bandwidth model ran 3-6% high). Timers are armed with
+   samples it shortened. Timers are armed with
    ``call_later(deadline - now)``; one that fires early is handled as due (``_handle_timer``).
 5. aioquic 1.7.2 internals used here: ``QuicConnection._initialize``, ``.tls._request_client_certificate``,
    ``.tls._peer_certificate(_chain)``, ``._handshake_confirmed``, ``._pacing_at``, ``._streams[..].sender``.
