@@ -23,7 +23,7 @@ Rules of this module:
    released once it no longer binds. ``inflight_hi`` holds for ``K_INFLIGHT_HOLD`` seconds after the
    last congestion event, then grows the same way: the volume that overflowed the queue once is not
    tried again at once, while the rate recovers within a few round trips (at 20 ms RTT and a sender
-   that sends in bursts, releasing both together overflowed the queue 3-4 times a second).
+   that sends in bursts, releasing both together overflowed the queue 2-4 times a second).
 4. STARTUP also ends when the queue it builds exceeds ``K_STARTUP_QUEUE_RATIO`` x min_rtt, so that
    with a bottleneck buffer of one BDP the sender does not overflow it.
 5. The cwnd target adds BBR's ack-aggregation allowance (``extra_acked``: data acked beyond what bw
