@@ -32,6 +32,7 @@ import sys
 import threading
 from typing import Any
 
+from fedgate.config import LogConfig
 from fedgate.configtree import build
 from fedgate.congestion._bridge import (
     K_FRAME_DATA,
@@ -49,6 +50,7 @@ from fedgate.congestion._quic_tls import QuicIdentity
 from fedgate.congestion.config import QuicConfig
 from fedgate.congestion.quic_link import QuicByteChannel, QuicCarrier, QuicCarrierServer
 from fedgate.errors import FedgateError, LocalError, PeerUnavailableError
+from fedgate.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -273,13 +275,12 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedgate.congestion.quic_worker")
     parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     line = sys.stdin.buffer.readline(K_MAX_LINE)
     try:
         settings = json.loads(line)
+        setup_logging(build(LogConfig, settings.get("log", {}), path="log"))  # the gateway's level and format
         worker = _Worker(settings)
-    except (ValueError, KeyError, TypeError, FedgateError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, FedgateError) as exc:
         print(f"quic worker: bad settings on stdin: {exc}", file=sys.stderr)
         return 2
     try:

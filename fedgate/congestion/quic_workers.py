@@ -41,6 +41,7 @@ from fedgate.congestion._quic_tls import QuicIdentity
 from fedgate.congestion._steering import reuseport_group
 from fedgate.congestion.config import QuicConfig
 from fedgate.errors import ConfigError, FedgateError, LocalError, PeerUnavailableError
+from fedgate.logs import JsonFormatter
 from fedgate.proxy.carrier import ChannelHandler
 
 __all__ = ["QuicWorkerCarrier"]
@@ -223,6 +224,7 @@ class QuicWorkerCarrier:
         return json.dumps({
             "index": worker.index, "quic": dump(self.config), "identity": identity,
             "socket": worker.socket_path, "gateway": os.path.join(self._dir, "gateway.sock"),
+            "log": _our_logging(),
         }).encode() + b"\n"
 
     async def _supervise(self, worker: _Worker) -> None:
@@ -335,6 +337,16 @@ class QuicWorkerCarrier:
             if task is not None:
                 self._channels.discard(task)
             await channel.aclose()
+
+
+def _our_logging() -> dict[str, str]:
+    """This process's log level and format, for a worker's ``[log]`` (a CLI without logging: warnings)."""
+    root = logging.getLogger()
+    level = root.getEffectiveLevel()
+    name = "debug" if level <= logging.DEBUG else "info" if level <= logging.INFO else (
+        "warning" if level <= logging.WARNING else "error")
+    json_format = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return {"level": name, "format": "json" if json_format else "plain"}
 
 
 def _channel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, Any],

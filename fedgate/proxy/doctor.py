@@ -67,9 +67,14 @@ async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout:
     name, why = choose_link_transport(config, endpoint)
     if endpoint.transport == "auto":
         print(f"  transport auto: {name} ({why})")
-    return await diagnose(host=endpoint.host, port=endpoint.port, party=party,
-                          local_party=config.gateway.party_ids[0], tls=client, carrier=make_carrier(config, name),
-                          timeout=timeout)
+    carrier = make_carrier(config, name)
+    try:
+        return await diagnose(host=endpoint.host, port=endpoint.port, party=party,
+                              local_party=config.gateway.party_ids[0], tls=client, carrier=carrier, timeout=timeout)
+    finally:
+        close = getattr(carrier, "aclose", None)  # QUIC's sockets and worker processes, the RDMA device
+        if close is not None:
+            await close()
 
 
 def main(argv: Sequence[str]) -> int:

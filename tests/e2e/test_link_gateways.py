@@ -210,3 +210,21 @@ def test_links_without_tls_or_insecure_stay_off_and_say_so(
     with caplog.at_level("WARNING"):
         asyncio.run(main())
     assert "links disabled" in caplog.text
+
+
+def test_doctor_reaches_a_quic_peer_through_worker_processes(tmp_path: pathlib.Path) -> None:
+    a, b = pair(tmp_path, "quic", tls=True)
+    a["quic"] = {"workers": 2}
+    config = GatewayProcess(a, tmp_path / "9999").config_file  # writes A's config; A need not run
+
+    async def main() -> None:
+        async with running(build(b)):
+            out = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "fedgate", "doctor", "10000", "--config", str(config),
+                                 "--timeout", "10"], capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "[ok] handshake" in out.stdout, out.stdout
+        assert "quic connection open (mTLS)" in out.stdout, out.stdout
+        assert out.stderr == "", out.stderr  # the workers were stopped before the event loop closed
+
+    asyncio.run(main())
