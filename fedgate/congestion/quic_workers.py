@@ -109,6 +109,8 @@ class QuicWorkerCarrier:
         self._start_lock = asyncio.Lock()
         self._closing = False
         self._next_listener = 0
+        self.restarts = 0
+        """Worker processes that exited while the carrier ran (each was restarted)."""
 
     @property
     def name(self) -> str:
@@ -252,6 +254,7 @@ class QuicWorkerCarrier:
             worker.started.clear()
             if self._closing:
                 return
+            self.restarts += 1
             log.error("%s exited with status %s; restarting it (its channels fail, links reconnect)",
                       worker.name, code)
             await asyncio.sleep(K_RESTART_DELAY)

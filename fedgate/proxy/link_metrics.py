@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from fedgate.congestion import CongestionStatistics
 
-__all__ = ["CarrierCollector", "LinkMetrics"]
+__all__ = ["CarrierCollector", "LinkMetrics", "QuicWorkerCollector"]
 
 
 class LinkMetrics:
@@ -93,3 +93,29 @@ class CarrierCollector(Collector):
             lost.add_metric(values, stats.packets_lost)
             events.add_metric(values, stats.congestion_events)
         yield from (info, cwnd, in_flight, pacing, model, min_rtt, srtt, sent, lost, events)
+
+
+class QuicWorkerCollector(Collector):
+    """``fedgate_link_quic_workers_running`` and ``..._worker_restarts``: the QUIC worker processes.
+
+    ``source`` gives the gateway's QUIC carrier when it runs in worker processes (``[quic] workers``),
+    else None; then there are no samples.
+    """
+
+    def __init__(self, source: Callable[[], object | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        carrier = self._source()
+        pids = getattr(carrier, "worker_pids", None)
+        restarts = getattr(carrier, "restarts", None)
+        if not isinstance(pids, list) or not isinstance(restarts, int):
+            return
+        running = GaugeMetricFamily("fedgate_link_quic_workers_running",
+                                    "QUIC worker processes running (of [quic] workers).")
+        running.add_metric([], sum(1 for pid in pids if pid is not None))
+        yield running
+        exits = CounterMetricFamily("fedgate_link_quic_worker_restarts",
+                                    "QUIC worker processes that exited and were restarted.")
+        exits.add_metric([], restarts)
+        yield exits

@@ -37,7 +37,7 @@ from fedgate.proxy.envelope import Envelope
 from fedgate.proxy.link_core import LinkParams
 from fedgate.proxy.link_events import Rejection
 from fedgate.proxy.link_listener import LinkListener, LinkListenerStatistics
-from fedgate.proxy.link_metrics import CarrierCollector, LinkMetrics
+from fedgate.proxy.link_metrics import CarrierCollector, LinkMetrics, QuicWorkerCollector
 from fedgate.proxy.link_sender import LinkSender, LinkSenderStatistics
 from fedgate.proxy.routing import Endpoint, Router
 from fedgate.proxy.store import SqliteStore, outbox_of
@@ -94,8 +94,10 @@ class LinkManager:
         self._router = router
         self._metrics = LinkMetrics(registry)
         self._registry = registry
-        self._carrier_collector = CarrierCollector(self.carrier_statistics)
-        registry.register(self._carrier_collector)
+        self._collectors = (CarrierCollector(self.carrier_statistics),
+                            QuicWorkerCollector(lambda: self._carriers.get("quic")))
+        for collector in self._collectors:
+            registry.register(collector)
         self._on_inbound = on_inbound
         self._on_rejected = on_rejected
         self._party = config.gateway.party_ids[0]
@@ -255,8 +257,9 @@ class LinkManager:
         if self._closing:
             return
         self._closing = True
-        with contextlib.suppress(KeyError):
-            self._registry.unregister(self._carrier_collector)
+        for collector in self._collectors:
+            with contextlib.suppress(KeyError):
+                self._registry.unregister(collector)
         await asyncio.gather(*(s.aclose() for s in self._senders.values()), return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from fedgate.congestion import CongestionStatistics
 from fedgate.congestion._bridge import parse_statistics, statistics_frame
@@ -21,6 +22,7 @@ from fedgate.congestion.quic_link import QuicCarrier, create_carrier
 from fedgate.congestion.quic_workers import QuicWorkerCarrier
 from fedgate.errors import PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel
+from fedgate.proxy.link_metrics import QuicWorkerCollector
 from tests.congestion.certs import CertAuthority
 from tests.congestion.channels import collect, mutual_tls
 from tests.congestion.relay import UdpRelay
@@ -158,6 +160,11 @@ def test_a_worker_that_dies_fails_its_channels_and_is_restarted() -> None:
             await again.send(b"y")
             await asyncio.wait_for(held.wait(), 10)
             await again.aclose()
+            registry = CollectorRegistry()  # what a gateway exports about its workers
+            registry.register(QuicWorkerCollector(lambda: client))
+            assert client.restarts == 1 and server.restarts == 1
+            assert registry.get_sample_value("fedgate_link_quic_worker_restarts_total") == 1
+            assert registry.get_sample_value("fedgate_link_quic_workers_running") == 1
         finally:
             await client.aclose()
             await server.aclose()
