@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import signal
 import socket
@@ -239,9 +240,16 @@ async def _serve(worker: _Worker) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=conn, limit=K_MAX_LINE)
         await worker.on_request(request, fds, reader, writer)
 
-    def watch_stdin() -> None:  # a daemon thread: a blocked read must not hold up the exit
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
+    def watch_stdin() -> None:
+        # A daemon thread, so a blocked read does not hold up the exit. It reads the raw descriptor:
+        # a daemon thread blocked in sys.stdin.buffer holds that buffer's lock, and the interpreter,
+        # closing stdin at exit, then aborts ("Fatal Python error: _enter_buffered_busy").
+        fd = sys.stdin.fileno()
+        with contextlib.suppress(OSError):
+            while os.read(fd, 4096):
+                pass
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already (we stopped on SIGTERM)
+            loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
     accepting = loop.create_task(accept_loop())
