@@ -85,7 +85,7 @@ def parse_statistics(data: bytes) -> CongestionStatistics | None:
         return None
     for f in fields:
         item = value[f.name]
-        if not isinstance(item, _STATS_TYPES[str(f.type)]) or isinstance(item, bool):
+        if not isinstance(item, _STATS_TYPES.get(str(f.type), ())) or isinstance(item, bool):
             return None
     return CongestionStatistics(**value)
 
