@@ -25,6 +25,10 @@ Rules of this module (with :mod:`fedgate.congestion._quic_conn`, the asyncio ada
    Received data is buffered without bound here: the link protocol above bounds it with its credits.
 7. qlog: with ``qlog_dir`` set, connections to/from ``qlog_peers`` (party id, host or host:port; empty =
    all) write one qlog JSON trace each when they end.
+8. A listener's 1-RTT datagrams for a known connection go straight to it (``_Server``): aioquic's server
+   parses every header to find the connection and the connection parses it again. The fast path takes
+   only short-header datagrams whose connection id it knows, which aioquic would hand over unchanged;
+   everything else goes through aioquic (uses ``QuicServer._protocols`` and ``._configuration``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,20 @@ log = logging.getLogger(__name__)
 
 K_ALPN = "fedgate-link/1"  # ALPN protocol id of the link over QUIC
 K_CLOSE_WAIT = 2.0  # seconds aclose() waits for CONNECTION_CLOSE exchanges (qlog traces end there)
+
+
+class _Server(QuicServer):
+    """aioquic's server with the fast path of rule 8."""
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        cid_length = self._configuration.connection_id_length
+        if isinstance(data, bytes) and len(data) > cid_length and data[0] & 0xC0 == 0x40:
+            # a short header (form bit clear, fixed bit set): the connection id follows the first byte
+            protocol = self._protocols.get(data[1 : 1 + cid_length])
+            if protocol is not None:
+                protocol.datagram_received(data, addr)
+                return
+        super().datagram_received(data, addr)
 
 
 class QuicCarrierServer:
@@ -265,7 +283,7 @@ class QuicCarrier:
             return protocol
 
         _, server = await loop.create_datagram_endpoint(
-            lambda: QuicServer(configuration=cfg, create_protocol=create_protocol), sock=sock
+            lambda: _Server(configuration=cfg, create_protocol=create_protocol), sock=sock
         )
         return QuicCarrierServer(server, protocols, tasks)
 

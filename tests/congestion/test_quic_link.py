@@ -8,12 +8,15 @@ import json
 import pathlib
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import pytest
 import uvloop
+from aioquic.asyncio import server as aioquic_server
+from aioquic.quic.configuration import QuicConfiguration
 
 from fedgate.congestion.config import QuicConfig
-from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity
+from fedgate.congestion.quic_link import QuicCarrier, QuicIdentity, _Server
 from fedgate.errors import ConfigError, PeerUnavailableError
 from fedgate.proxy.carrier import ByteChannel, Carrier
 from tests.congestion.certs import CertAuthority
@@ -112,6 +115,41 @@ def test_aioquic_runs_on_a_precise_clock_under_uvloop() -> None:
         assert len(whole_ms) <= len(stamps) // 10, (len(whole_ms), len(stamps))
 
     run(scenario(), loop="uvloop")
+
+
+def test_a_listener_hands_1rtt_datagrams_of_known_connections_straight_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    got: list[tuple[str, bytes]] = []
+    parsed: list[bytes] = []
+    real_parse = aioquic_server.pull_quic_header  # type: ignore[attr-defined]
+
+    def counting_parse(buf: Any, host_cid_length: int) -> Any:
+        parsed.append(buf.data)
+        return real_parse(buf, host_cid_length=host_cid_length)
+
+    monkeypatch.setattr(aioquic_server, "pull_quic_header", counting_parse)
+
+    class Known:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            got.append((self.name, data))
+
+    async def scenario() -> None:
+        server = _Server(configuration=QuicConfiguration(is_client=False), create_protocol=Known)
+        cid = bytes(range(8))  # aioquic's connection ids are 8 bytes
+        server._protocols[cid] = cast(Any, Known("conn"))
+        short = bytes([0x41]) + cid + b"protected payload"
+        server.datagram_received(short, ("127.0.0.1", 1))
+        assert got == [("conn", short)] and parsed == []  # delivered without aioquic's header parse
+        # everything else takes aioquic's path, which parses the header and drops these
+        for other in (bytes([0x41]) + bytes(8) + b"payload",  # a connection id nobody holds
+                      bytes([0x01]) + cid + b"payload",  # fixed bit clear: not a QUIC packet
+                      bytes([0x41]) + cid[:4]):  # too short to hold a connection id
+            server.datagram_received(other, ("127.0.0.1", 1))
+        assert got == [("conn", short)] and len(parsed) == 3
+
+    run(scenario())
 
 
 def test_channels_to_one_peer_share_one_connection() -> None:
