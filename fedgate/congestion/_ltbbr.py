@@ -386,15 +386,14 @@ class LtBbr(CongestionController):
         if congested:
             self._on_congestion(now, win_rate)
         else:
+            # Additive in absolute terms (the same for every flow), doubling each clean window:
+            # flows sharing a bottleneck converge towards equal shares, as with AIMD.
+            step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
             if self._bw_hi is not None:
-                # Additive in absolute terms (the same for every flow), doubling each clean window:
-                # flows sharing a bottleneck converge towards equal shares, as with AIMD.
-                step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
                 self._bw_hi += step / min_rtt
                 if self._bw_hi > K_BW_HI_RELEASE * self._bw_filter.get():
                     self._bw_hi = None
             if self._inflight_hi is not None and now >= self._inflight_hold_until:
-                step = self.max_datagram_size * (1 << min(self._clean_windows, K_BW_HI_GROWTH_MAX_EXP))
                 self._inflight_hi += step
                 if self._inflight_hi > K_BW_HI_RELEASE * self._cwnd_target():
                     self._inflight_hi = None

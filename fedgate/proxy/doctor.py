@@ -53,7 +53,7 @@ async def _grpc_steps(endpoint: Endpoint, timeout: float) -> list[DoctorStep]:
 async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout: float) -> list[DoctorStep]:
     if endpoint.transport not in K_LINK_TRANSPORTS:
         return await _grpc_steps(endpoint, timeout)
-    from fedgate.proxy.links import choose_link_transport, make_carrier
+    from fedgate.proxy.links import choose_link_transport, close_carrier, make_carrier
 
     tls = config.tls
     client = None
@@ -72,9 +72,7 @@ async def _probe(config: FedgateConfig, endpoint: Endpoint, party: str, timeout:
         return await diagnose(host=endpoint.host, port=endpoint.port, party=party,
                               local_party=config.gateway.party_ids[0], tls=client, carrier=carrier, timeout=timeout)
     finally:
-        close = getattr(carrier, "aclose", None)  # QUIC's sockets and worker processes, the RDMA device
-        if close is not None:
-            await close()
+        await close_carrier(carrier)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -74,6 +74,13 @@ def make_carrier(config: FedgateConfig, name: str) -> Carrier:
     return load_carrier(name)
 
 
+async def close_carrier(carrier: Carrier) -> None:
+    """Release what a carrier holds (the RDMA device, QUIC sockets and worker processes), if anything."""
+    close = getattr(carrier, "aclose", None)
+    if close is not None:
+        await close()
+
+
 class LinkManager:
     """Owns the link senders and listeners of one gateway."""
 
@@ -270,8 +277,5 @@ class LinkManager:
             with contextlib.suppress(Exception):
                 await server.aclose()
         for carrier in self._carriers.values():
-            # Carriers that hold resources (the RDMA device, QUIC sockets) release them in order here.
-            close = getattr(carrier, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
+            with contextlib.suppress(Exception):
+                await close_carrier(carrier)

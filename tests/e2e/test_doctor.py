@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import pathlib
-import subprocess
-import sys
 
-from tests.proxy.gateways import GatewayProcess, free_port, front_of, gateway_data, processes
-
-
-def doctor(config: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedgate", "doctor", *args, "--config", str(config),
-                           "--timeout", "3"], capture_output=True, text=True, timeout=120, check=False)
+from tests.proxy.gateways import GatewayProcess, doctor, free_port, front_of, gateway_data, processes
 
 
 def test_doctor_walks_the_route_and_every_endpoint(tmp_path: pathlib.Path) -> None:

@@ -14,7 +14,16 @@ import pytest
 
 from fedgate.proxy.certs import issue_party, load_or_create_ca
 from fedgate.proxy.osx_client import OsxQueueClient
-from tests.proxy.gateways import GatewayProcess, build, free_port, front_of, gateway_data, processes, running
+from tests.proxy.gateways import (
+    GatewayProcess,
+    build,
+    doctor,
+    free_port,
+    front_of,
+    gateway_data,
+    processes,
+    running,
+)
 
 SESSION = "202611270000"
 TOPIC = f"{SESSION}-guest-9999-host-10000-w"
@@ -219,9 +228,7 @@ def test_doctor_reaches_a_quic_peer_through_worker_processes(tmp_path: pathlib.P
 
     async def main() -> None:
         async with running(build(b)):
-            out = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "fedgate", "doctor", "10000", "--config", str(config),
-                                 "--timeout", "10"], capture_output=True, text=True, timeout=120, check=False)
+            out = await asyncio.to_thread(doctor, config, "10000", step_timeout=10)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "[ok] handshake" in out.stdout, out.stdout
         assert "quic connection open (mTLS)" in out.stdout, out.stdout

@@ -154,6 +154,12 @@ def processes(*gateways: GatewayProcess) -> Iterator[tuple[GatewayProcess, ...]]
             gw.stop()
 
 
+def doctor(config: pathlib.Path, *args: str, step_timeout: float = 3) -> subprocess.CompletedProcess[str]:
+    """``fedgate doctor ARGS`` against a gateway config file, as a child process."""
+    return subprocess.run([sys.executable, "-m", "fedgate", "doctor", *args, "--config", str(config),
+                           "--timeout", f"{step_timeout:g}"], capture_output=True, text=True, timeout=120, check=False)
+
+
 def _toml(data: dict[str, Any]) -> str:
     lines = []
     for section, values in data.items():
