@@ -207,7 +207,10 @@ def _tx_dropped(ns: str, dev: str) -> int | None:
 
 
 def netem_argv(ns: str, dev: str, shape: DirectionShape, *, mtu: int, min_packet: int) -> list[str]:
-    """The ``tc`` command that gives ``dev`` this direction's shape with netem (pure)."""
+    """The ``tc`` command that gives ``dev`` this direction's shape with netem (pure).
+
+    ``shape.tick_s`` is not used: netem delivers from kernel timers, with no process to wake per packet.
+    """
     argv = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "netem"]
     argv += ["delay", f"{shape.delay_s * 1e6:.0f}us"]
     if shape.loss:

@@ -107,15 +107,20 @@ class LinkSettings:
     """The ACK direction."""
 
 
-def link_settings(row: LinkRow, *, queue_bdp: float = 1.0, ack_loss: bool = True) -> LinkSettings:
-    """Emulator settings for a row: RTT split evenly, a tail-drop queue of ``queue_bdp`` BDPs."""
+def link_settings(
+    row: LinkRow, *, queue_bdp: float = 1.0, ack_loss: bool = True, tick_s: float = 0.0
+) -> LinkSettings:
+    """Emulator settings for a row: RTT split evenly, a tail-drop queue of ``queue_bdp`` BDPs.
+
+    ``tick_s`` is the userspace emulator's delivery tick (:class:`DirectionShape`); netem ignores it.
+    """
     rate_bps = row.rate_mbit * 1e6
     one_way = row.rtt_ms / 2000.0
     queue = default_queue_bytes(rate_bps, row.rtt_ms / 1000.0, bdp_multiple=queue_bdp)
     loss = row.loss_pct / 100.0
-    data = DirectionShape(delay_s=one_way, loss=loss, rate_bps=rate_bps, queue_bytes=queue)
+    data = DirectionShape(delay_s=one_way, loss=loss, rate_bps=rate_bps, queue_bytes=queue, tick_s=tick_s)
     ack = DirectionShape(
-        delay_s=one_way, loss=loss if ack_loss else 0.0, rate_bps=rate_bps, queue_bytes=queue
+        delay_s=one_way, loss=loss if ack_loss else 0.0, rate_bps=rate_bps, queue_bytes=queue, tick_s=tick_s
     )
     return LinkSettings(a_to_b=data, b_to_a=ack)
 

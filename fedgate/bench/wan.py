@@ -15,6 +15,9 @@ Rules of this module:
    bottleneck exceeds K_CEILING_SHARE of it get a warning, and every transfer is checked against the
    emulator's own counters (saturation, lateness, random drops vs. the setting, drops outside it).
 4. Only pids this run started are signalled (the sandbox tracks them).
+5. The userspace emulator delivers on a tick of ``--emu-tick-us`` (default 250 us), mean delay kept:
+   per-packet wake-ups of the real-time emulator would otherwise preempt the endpoints thousands of
+   times a second (``fedgate.bench._emucore`` rule 5). The tick is in the JSON (``emulator``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ K_SATURATED = 0.85  # forwarder CPU busy share that marks a transfer emulator-li
 K_LATE_MEAN = 0.001  # seconds of mean delivery lateness that marks a transfer as distorted
 K_HOST_BUSY = 0.9  # host CPU busy share that marks a transfer as possibly CPU-bound
 K_RT_PRIORITY = 10  # SCHED_FIFO priority of the userspace forwarder by default
+K_EMU_TICK_US = 250.0  # microseconds: the userspace emulator's delivery tick (_emucore rule 5)
+K_EMU_TICK_MAX_US = 10_000.0  # microseconds: the largest tick DirectionShape accepts
 K_RTT_PROBES = 10  # UDP probes per row for the RTT check
 K_RTT_TOLERANCE = 2.0  # milliseconds a row's measured RTT may differ from its setting without a warning
 K_LOSS_Z = 4.0  # standard deviations of random drops off the setting that earn a note
@@ -116,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-loss-only", action="store_true", help="random loss on the data direction only")
     p.add_argument("--seed", type=int, default=1, help="seed of the emulator's loss draws")
     p.add_argument(
+        "--emu-tick-us",
+        type=float,
+        default=K_EMU_TICK_US,
+        metavar="US",
+        help=f"userspace emulator: deliver on a grid of this many microseconds, mean delay kept "
+        f"(default {K_EMU_TICK_US:g}, like a NIC moderating interrupts; 0: each packet when due)",
+    )
+    p.add_argument(
         "--rt-priority",
         type=int,
         default=K_RT_PRIORITY,
@@ -135,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _rows(args: argparse.Namespace) -> list[LinkRow]:
+    if not 0 <= args.emu_tick_us <= K_EMU_TICK_MAX_US:
+        raise ConfigError(
+            f"must be between 0 and {K_EMU_TICK_MAX_US:g}, got {args.emu_tick_us:g}", path="--emu-tick-us"
+        )
     rows = [parse_row(text, rate_mbit=args.rate) for text in args.row]
     if args.rows_file is not None:
         rows += load_rows_file(args.rows_file, rate_mbit=args.rate)
@@ -468,8 +485,11 @@ def main(argv: Sequence[str]) -> int:
                 args.emulator, sandbox, mtu=args.mtu, seed=args.seed, rt_priority=args.rt_priority
             )
             sched = getattr(link, "sched", "kernel")
-            doc["emulator"] = {"kind": link.kind, "sched": sched}
-            progress.message(f"emulator: {link.kind} ({link.ns_a} -> {link.ns_b}; scheduling: {sched})")
+            tick = f"{args.emu_tick_us:g} us" if link.kind == "tun" else "kernel timers"
+            doc["emulator"] = {"kind": link.kind, "sched": sched, "delivery_tick": tick}
+            progress.message(
+                f"emulator: {link.kind} ({link.ns_a} -> {link.ns_b}; scheduling: {sched}; delivery tick: {tick})"
+            )
             harness = _Harness(sandbox, link, Path(tmp), progress, args.mtu)
             harness.rt_priority = args.rt_priority
             if link.kind == "tun" and args.calibrate > 0:
@@ -491,7 +511,14 @@ def main(argv: Sequence[str]) -> int:
                             "it would measure the emulator"
                         )
             for row in rows:
-                link.shape(link_settings(row, queue_bdp=args.queue_bdp, ack_loss=not args.data_loss_only))
+                link.shape(
+                    link_settings(
+                        row,
+                        queue_bdp=args.queue_bdp,
+                        ack_loss=not args.data_loss_only,
+                        tick_s=args.emu_tick_us * 1e-6,
+                    )
+                )
                 check = harness.check_rtt(row)
                 doc.setdefault("rtt_checks", []).append({"row": row.name, **check})
                 median = check.get("median_ms")

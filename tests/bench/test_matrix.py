@@ -56,6 +56,9 @@ def test_link_settings_split_rtt_and_size_the_queue() -> None:
     assert s.a_to_b.queue_bytes == 1_000_000  # one BDP: 100 Mbit/s x 80 ms
     data_only = link_settings(LinkRow(80, 1, 100), ack_loss=False, queue_bdp=0.5)
     assert data_only.b_to_a.loss == 0.0 and data_only.a_to_b.queue_bytes == 500_000
+    assert s.a_to_b.tick_s == s.b_to_a.tick_s == 0.0
+    ticked = link_settings(LinkRow(80, 1, 100), tick_s=0.00025)
+    assert ticked.a_to_b.tick_s == ticked.b_to_a.tick_s == 0.00025
 
 
 def test_physical_limit() -> None:

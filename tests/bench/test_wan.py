@@ -30,6 +30,12 @@ def test_bad_row_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--row" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tick", ["-1", "20000"])
+def test_a_delivery_tick_out_of_range_is_a_usage_error(tick: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert wan_main(["--emu-tick-us", tick, "--transports", "kernel-cubic"]) == 2
+    assert "--emu-tick-us" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_one_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "wan"
@@ -42,6 +48,7 @@ def test_smoke_one_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert doc["emulator"]["kind"] in ("tun", "netem")
     if doc["emulator"]["kind"] == "tun":
         assert doc["emulator"]["ceiling"]["ip_mbit"] > 0
+        assert doc["emulator"]["delivery_tick"] == "250 us"
     assert doc["rtt_checks"][0]["received"] > 0
     ran = [r for r in doc["results"]]
     assert [r["transport"] for r in ran] == doc["transports"]["run"]
