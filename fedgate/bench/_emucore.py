@@ -22,13 +22,14 @@ Rules of this module:
    packet in a Python loop that must reach about 1 Gbit/s).
 4. Counters (:class:`DirectionStats`) say what the emulator did so that every run can be checked
    against its settings: packets/bytes in and out, drops by cause, queue peaks, lateness of the
-   adapter's writes (measured by the adapter and fed back through :meth:`EmuDirection.note_late`).
+   adapter's writes (the ``now`` of :meth:`EmuDirection.pop_due` minus each packet's delivery time).
 5. The tick exists because the emulator shares the host's CPUs with both endpoints. Released one by
-   one, a 100 Mbit/s flow wakes the (real-time) emulator about 8,000 times a second, and each wake-up
-   preempts whichever endpoint runs on that CPU: a userspace transport then waits for a CPU a quarter
-   of its time, which a real network never costs it, while kernel TCP does its work inside the
-   emulator's own writes. A tick of 250 us releases packets in batches, as a NIC moderating its
-   interrupts to 4,000 a second delivers them. Lateness (rule 4) is counted from the tick.
+   one, a 100 Mbit/s flow wakes the real-time emulator about 8,000 times a second, each wake-up
+   preempting whichever endpoint runs on that CPU, and wakes the receiver once per packet. A
+   userspace transport pays for that in CPU that a real network never takes from it; kernel TCP does
+   its work inside the emulator's own writes. A tick of 250 us releases packets in batches, as a NIC
+   moderating its interrupts to 4,000 a second delivers them (``fedgate/bench/RESULTS.md``, runs
+   15-17, has the figures both ways). Lateness (rule 4) is counted from the tick.
 """
 
 from __future__ import annotations
