@@ -13,8 +13,9 @@ Rules of this module:
       ``queue_bytes`` bytes of backlog (cause ``queue``),
    c. a fixed one-way delay ``delay_s`` after the packet has been serialized,
    d. with ``tick_s`` > 0, delivery on the next tick: delivery times are rounded up to a multiple of
-      ``tick_s`` after ``tick_s / 2`` was taken off the delay, so the mean delay stays ``delay_s``
-      and each delivery is off by at most half a tick. See rule 5 for why.
+      ``tick_s`` after ``tick_s / 2`` was taken off the delay, so each delivery is off by at most half
+      a tick and the mean delay of packets sent at random phases stays ``delay_s``. A packet sent
+      right after a delivery (an ACK, an echo) comes early by up to half a tick. See rule 5 for why.
 
 3. The FIFO and the delay line are one deque: with a fixed delay, delivery times are monotonic, so
    nothing needs a heap. The backlog is derived from the serializer's ``busy_until`` time rather than
