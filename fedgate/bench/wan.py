@@ -147,11 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rows(args: argparse.Namespace) -> list[LinkRow]:
+def _check_tick(args: argparse.Namespace) -> None:
     if not 0 <= args.emu_tick_us <= K_EMU_TICK_MAX_US:
         raise ConfigError(
             f"must be between 0 and {K_EMU_TICK_MAX_US:g}, got {args.emu_tick_us:g}", path="--emu-tick-us"
         )
+
+
+def _rows(args: argparse.Namespace) -> list[LinkRow]:
     rows = [parse_row(text, rate_mbit=args.rate) for text in args.row]
     if args.rows_file is not None:
         rows += load_rows_file(args.rows_file, rate_mbit=args.rate)
@@ -448,6 +451,7 @@ def main(argv: Sequence[str]) -> int:
     if args.list_transports:
         return _list(registry)
     try:
+        _check_tick(args)
         rows = _rows(args)
         wanted = select_transports([n.strip() for n in args.transports.split(",") if n.strip()], registry)
     except ConfigError as exc:
